@@ -1,0 +1,28 @@
+// Package protocol is the wire contract between programs that submit
+// JavaScript to an isode fleet and the workers that run it.
+//
+// It is what other programs import: it carries the subject layout, the shard
+// function, the header names, the versioned wire types with their validators
+// and the stable error codes. It depends on the standard library only, so a
+// client in another language can be written from this package's
+// documentation alone.
+//
+// # Submitting a run
+//
+//  1. Compute the shard of the isolate key: FNV-1a 32 of the key's bytes,
+//     modulo the deployment's shard count (DefaultShards unless configured).
+//  2. Publish a JSON Request to RunSubject(prefix, shard), a subject bound to
+//     a JetStream work-queue stream, with the headers
+//     HeaderReplyTo (an inbox the caller listens on), HeaderMsgID (a unique
+//     request id, also used by JetStream for de-duplication) and
+//     HeaderDeadline (Unix milliseconds after which the result is useless).
+//     The publish's own reply subject receives the stream's PubAck; an error
+//     in it (for example a full stream) means the request was not accepted.
+//  3. Wait on the inbox for one Reply. Either Result is set or Error is,
+//     never both. Error replies also carry the nats.go micro headers
+//     HeaderServiceError and HeaderServiceErrorCode.
+//
+// A request accepted by the stream is delivered at least once: a worker
+// that dies before it acknowledged it leaves it for another worker. A reply
+// may therefore arrive twice; callers keep the first.
+package protocol
