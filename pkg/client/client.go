@@ -1,0 +1,348 @@
+// Package client submits JavaScript to an isode fleet over NATS: the Go form
+// of the original isode.run(key, code, cb).
+//
+//	nc, _ := nats.Connect(nats.DefaultURL)
+//	c, _ := client.New(nc)
+//	defer c.Close()
+//	res, err := c.Run(ctx, "tenant1", `return function (cb) { cb(null, "Hello, world!"); }`)
+//
+// Run hides the reply inbox, the request id and the deadline. Errors that
+// come from the fleet are *protocol.Error values: match them with
+// errors.Is(err, protocol.ErrTimeout) and friends, or read their Code.
+package client
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/nats-io/nats.go"
+
+	"github.com/isode-run/isode/pkg/protocol"
+)
+
+// Errors of the client itself (the fleet's errors are *protocol.Error).
+var (
+	// ErrClosed is returned by Run after Close.
+	ErrClosed = errors.New("isode client: closed")
+	// ErrNoStream is returned when no JetStream stream takes the request
+	// subject: no worker has set the fleet up on this NATS server yet.
+	ErrNoStream = &protocol.Error{Code: protocol.CodeOverloaded, Message: "no JetStream stream accepts isode requests on this NATS server: is a worker running?"}
+)
+
+// Client submits runs. It is safe for concurrent use; one Client per
+// process is enough. It does not own the NATS connection.
+type Client struct {
+	nc       *nats.Conn
+	prefix   string
+	shards   int
+	ttlSlack time.Duration
+
+	inbox string // "<inbox>." ; replies arrive on inbox+"<n>.r", acks on inbox+"<n>.a"
+	sub   *nats.Subscription
+
+	mu      sync.Mutex
+	next    uint64
+	pending map[string]*call
+	closed  bool
+}
+
+type call struct {
+	reply chan *nats.Msg // the Reply, buffered 1
+	ack   chan *nats.Msg // the PubAck, buffered 1
+}
+
+// Option configures a Client.
+type Option func(*Client) error
+
+// ErrInvalidOption wraps every rejected Option.
+var ErrInvalidOption = errors.New("isode client: invalid option")
+
+// WithPrefix sets the subject prefix of the fleet (default protocol.DefaultPrefix).
+func WithPrefix(prefix string) Option {
+	return func(c *Client) error {
+		if prefix == "" || strings.ContainsAny(prefix, " \t*>") {
+			return fmt.Errorf("%w: prefix %q", ErrInvalidOption, prefix)
+		}
+		c.prefix = prefix
+		return nil
+	}
+}
+
+// WithShards sets the fleet's shard count (default protocol.DefaultShards).
+// It must match the workers'.
+func WithShards(n int) Option {
+	return func(c *Client) error {
+		if n < 1 || n > 100000 {
+			return fmt.Errorf("%w: shards %d", ErrInvalidOption, n)
+		}
+		c.shards = n
+		return nil
+	}
+}
+
+// New returns a Client that publishes on nc.
+func New(nc *nats.Conn, opts ...Option) (*Client, error) {
+	c := &Client{
+		nc:       nc,
+		prefix:   protocol.DefaultPrefix,
+		shards:   protocol.DefaultShards,
+		ttlSlack: 5 * time.Second,
+		pending:  make(map[string]*call),
+	}
+	for _, o := range opts {
+		if err := o(c); err != nil {
+			return nil, err
+		}
+	}
+	c.inbox = nc.NewInbox() + "."
+	sub, err := nc.Subscribe(c.inbox+">", c.deliver)
+	if err != nil {
+		return nil, fmt.Errorf("subscribe to reply inbox: %w", err)
+	}
+	sub.SetPendingLimits(-1, 256<<20)
+	c.sub = sub
+	return c, nil
+}
+
+// Close stops the client; runs in flight return ErrClosed. It does not
+// close the NATS connection.
+func (c *Client) Close() error {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return nil
+	}
+	c.closed = true
+	c.mu.Unlock()
+	return c.sub.Unsubscribe()
+}
+
+func (c *Client) deliver(m *nats.Msg) {
+	rest, ok := strings.CutPrefix(m.Subject, c.inbox)
+	if !ok {
+		return
+	}
+	token, kind, ok := strings.Cut(rest, ".")
+	if !ok {
+		return
+	}
+	c.mu.Lock()
+	cl := c.pending[token]
+	c.mu.Unlock()
+	if cl == nil {
+		return // a late or duplicate reply: the caller already has one
+	}
+	ch := cl.reply
+	if kind == "a" {
+		ch = cl.ack
+	}
+	select {
+	case ch <- m:
+	default: // duplicate delivery; keep the first
+	}
+}
+
+// Result is what a run produced.
+type Result struct {
+	// Value is the JSON the snippet returned ("null" for nothing).
+	Value json.RawMessage
+	// Console is the snippet's console output (bounded by the worker).
+	Console          string
+	ConsoleTruncated bool
+	// ID is the request id; Worker the worker that answered; RunTime the
+	// time the snippet ran.
+	ID      string
+	Worker  string
+	RunTime time.Duration
+}
+
+// RunOption configures one run.
+type RunOption func(*runOptions) error
+
+type runOptions struct {
+	input   json.RawMessage
+	timeout time.Duration
+	id      string
+}
+
+// WithInput passes JSON input to the snippet as ctx.data.
+func WithInput(input json.RawMessage) RunOption {
+	return func(o *runOptions) error {
+		if !json.Valid(input) {
+			return fmt.Errorf("%w: input is not valid JSON", ErrInvalidOption)
+		}
+		o.input = input
+		return nil
+	}
+}
+
+// WithTimeout bounds the snippet's run time (default protocol.DefaultTimeout).
+// The whole call, queueing included, is bounded by ctx; a ctx without a
+// deadline gets one of the timeout plus 30 s.
+func WithTimeout(d time.Duration) RunOption {
+	return func(o *runOptions) error {
+		if d <= 0 || d > protocol.MaxTimeout {
+			return fmt.Errorf("%w: timeout %v not in (0, %v]", ErrInvalidOption, d, protocol.MaxTimeout)
+		}
+		o.timeout = d
+		return nil
+	}
+}
+
+// WithRequestID sets the request id (default: a random UUID). Submitting
+// the same id again within the stream's duplicate window is a no-op on
+// the stream, so a caller can retry a publish safely.
+func WithRequestID(id string) RunOption {
+	return func(o *runOptions) error {
+		if id == "" || len(id) > 128 || strings.ContainsAny(id, " \t\r\n.*>") {
+			return fmt.Errorf("%w: request id %q", ErrInvalidOption, id)
+		}
+		o.id = id
+		return nil
+	}
+}
+
+// Run runs code for the tenant isolateKey and returns its result. Errors
+// from the snippet or the fleet are *protocol.Error values; the Result is
+// returned alongside them when the fleet answered (it carries console
+// output). Invalid arguments are caught here, before anything is sent.
+func (c *Client) Run(ctx context.Context, isolateKey, code string, opts ...RunOption) (*Result, error) {
+	o := runOptions{timeout: protocol.DefaultTimeout}
+	for _, opt := range opts {
+		if err := opt(&o); err != nil {
+			return nil, err
+		}
+	}
+	req := protocol.Request{
+		V:          protocol.Version,
+		IsolateKey: isolateKey,
+		Code:       code,
+		Input:      o.input,
+		TimeoutMs:  o.timeout.Milliseconds(),
+	}
+	if err := req.Validate(); err != nil {
+		return nil, err
+	}
+	data, err := json.Marshal(&req)
+	if err != nil {
+		return nil, fmt.Errorf("encode request: %w", err)
+	}
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, o.timeout+30*time.Second)
+		defer cancel()
+	}
+	deadline, _ := ctx.Deadline()
+	id := o.id
+	if id == "" {
+		id = uuid.NewString()
+	}
+	return c.send(ctx, id, protocol.Shard(isolateKey, c.shards), deadline, data)
+}
+
+// send publishes one encoded request and waits for its reply.
+func (c *Client) send(ctx context.Context, id string, shard int, deadline time.Time, data []byte) (*Result, error) {
+	cl := &call{reply: make(chan *nats.Msg, 1), ack: make(chan *nats.Msg, 1)}
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return nil, ErrClosed
+	}
+	c.next++
+	token := strconv.FormatUint(c.next, 36)
+	c.pending[token] = cl
+	c.mu.Unlock()
+	defer func() {
+		c.mu.Lock()
+		delete(c.pending, token)
+		c.mu.Unlock()
+	}()
+
+	msg := nats.NewMsg(protocol.RunSubject(c.prefix, shard))
+	msg.Reply = c.inbox + token + ".a"
+	msg.Data = data
+	msg.Header.Set(protocol.HeaderMsgID, id)
+	msg.Header.Set(protocol.HeaderReplyTo, c.inbox+token+".r")
+	msg.Header.Set(protocol.HeaderDeadline, strconv.FormatInt(deadline.UnixMilli(), 10))
+	// Let the stream drop the request by itself once nobody waits for it.
+	ttl := time.Until(deadline) + c.ttlSlack
+	msg.Header.Set("Nats-TTL", strconv.FormatInt(int64(ttl/time.Second)+1, 10)+"s")
+	if err := c.nc.PublishMsg(msg); err != nil {
+		return nil, fmt.Errorf("publish request: %w", err)
+	}
+
+	acked := false
+	for {
+		select {
+		case m := <-cl.reply:
+			return decodeReply(id, m)
+		case m := <-cl.ack:
+			if err := checkAck(m); err != nil {
+				return nil, err
+			}
+			acked = true
+		case <-ctx.Done():
+			if !acked {
+				return nil, fmt.Errorf("request %s not acknowledged by the stream: %w", id, ctx.Err())
+			}
+			return nil, fmt.Errorf("request %s: no reply: %w", id, ctx.Err())
+		}
+	}
+}
+
+// checkAck turns a JetStream PubAck (or a no-responders status) into an error.
+func checkAck(m *nats.Msg) error {
+	if m.Header.Get("Status") == "503" {
+		return ErrNoStream
+	}
+	var ack struct {
+		Stream string `json:"stream"`
+		Error  *struct {
+			Code        int    `json:"code"`
+			ErrCode     int    `json:"err_code"`
+			Description string `json:"description"`
+		} `json:"error"`
+	}
+	if err := json.Unmarshal(m.Data, &ack); err != nil {
+		return fmt.Errorf("decode stream acknowledgement: %w", err)
+	}
+	if ack.Error == nil {
+		return nil
+	}
+	// 10077: maximum messages exceeded, 10078: maximum bytes exceeded,
+	// 10027 storage resources exceeded: the stream is full.
+	switch ack.Error.ErrCode {
+	case 10077, 10078, 10027, 10047:
+		return protocol.Errorf(protocol.CodeOverloaded, "the request queue is full (%s): retry later", ack.Error.Description)
+	}
+	return protocol.Errorf(protocol.CodeInternal, "the stream refused the request: %s (code %d)", ack.Error.Description, ack.Error.ErrCode)
+}
+
+func decodeReply(id string, m *nats.Msg) (*Result, error) {
+	var rep protocol.Reply
+	if err := json.Unmarshal(m.Data, &rep); err != nil {
+		return nil, fmt.Errorf("decode reply to %s: %w", id, err)
+	}
+	if err := rep.Validate(); err != nil {
+		return nil, fmt.Errorf("reply to %s: %w", id, err)
+	}
+	res := &Result{
+		Value:            rep.Result,
+		Console:          rep.Console,
+		ConsoleTruncated: rep.ConsoleTruncated,
+		ID:               rep.ID,
+		Worker:           rep.Worker,
+		RunTime:          time.Duration(rep.RunMicros) * time.Microsecond,
+	}
+	if rep.Error != nil {
+		return res, rep.Error
+	}
+	return res, nil
+}

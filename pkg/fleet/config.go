@@ -1,0 +1,120 @@
+package fleet
+
+import (
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/isode-run/isode/pkg/protocol"
+)
+
+// ErrInvalidConfig wraps every error of Config.Validate.
+var ErrInvalidConfig = errors.New("invalid fleet configuration")
+
+// Config configures a Worker's NATS side.
+type Config struct {
+	// WorkerID names this worker in replies, stats and membership.
+	WorkerID string
+	// Prefix is the subject prefix (protocol.DefaultPrefix).
+	Prefix string
+	// Shards is the deployment's shard count; every worker and client of a
+	// deployment must agree on it. It is recorded in the stream's metadata
+	// and a worker with another count refuses to start.
+	Shards int
+	// Capacity bounds the requests this worker holds at once (running or
+	// queued in the pool). When it is reached the worker stops pulling;
+	// requests wait in the stream.
+	Capacity int
+	// AckWait is how long a pulled request may go without an ack or a
+	// progress signal before JetStream gives it to another worker. Workers
+	// signal progress every AckWait/3 while a request waits or runs, so this
+	// bounds how soon a dead worker's requests are redelivered.
+	AckWait time.Duration
+	// FetchWait is the expiry of each pull request.
+	FetchWait time.Duration
+	// MaxBatch bounds the messages one pull request asks for.
+	MaxBatch int
+	// MaxDeliver bounds deliveries of one request (a request that took
+	// down that many workers is dropped).
+	MaxDeliver int
+	// StreamMaxMsgs and StreamMaxBytes bound the request stream; a full
+	// stream rejects new requests at once (the client sees "overloaded").
+	StreamMaxMsgs  int64
+	StreamMaxBytes int64
+	// StreamReplicas is the stream's replication factor (clustered NATS).
+	StreamReplicas int
+	// DuplicateWindow is the stream's de-duplication window for request ids.
+	DuplicateWindow time.Duration
+	// MaxTimeout caps a request's run timeout on this worker.
+	MaxTimeout time.Duration
+	// ReplyCacheTTL and ReplyCacheBytes bound the cache of recent replies
+	// used to answer a redelivered request without running it twice.
+	ReplyCacheTTL   time.Duration
+	ReplyCacheBytes int
+	// RetryDelay is how long a request waits in the stream before it is
+	// offered again when this worker cannot take it now (its tenant's queue
+	// is full).
+	RetryDelay time.Duration
+
+	Logger zerolog.Logger
+}
+
+// DefaultConfig returns the defaults.
+func DefaultConfig() Config {
+	return Config{
+		Prefix:          protocol.DefaultPrefix,
+		Shards:          protocol.DefaultShards,
+		Capacity:        256,
+		AckWait:         6 * time.Second,
+		FetchWait:       2 * time.Second,
+		MaxBatch:        16,
+		MaxDeliver:      10,
+		StreamMaxMsgs:   100_000,
+		StreamMaxBytes:  1 << 30,
+		StreamReplicas:  1,
+		DuplicateWindow: 2 * time.Minute,
+		MaxTimeout:      protocol.MaxTimeout,
+		ReplyCacheTTL:   2 * time.Minute,
+		ReplyCacheBytes: 8 << 20,
+		RetryDelay:      250 * time.Millisecond,
+		Logger:          zerolog.Nop(),
+	}
+}
+
+// Validate returns the first invalid field, wrapping ErrInvalidConfig.
+func (c *Config) Validate() error {
+	bad := func(field, format string, args ...any) error {
+		return fmt.Errorf("%w: %s: %s", ErrInvalidConfig, field, fmt.Sprintf(format, args...))
+	}
+	switch {
+	case c.WorkerID == "":
+		return bad("worker id", "must not be empty")
+	case c.Prefix == "":
+		return bad("prefix", "must not be empty")
+	case c.Shards < 1 || c.Shards > 4096:
+		return bad("shards", "%d is not in [1, 4096]", c.Shards)
+	case c.Capacity < 1:
+		return bad("capacity", "%d must be at least 1", c.Capacity)
+	case c.AckWait < time.Second:
+		return bad("ack wait", "%v must be at least 1s", c.AckWait)
+	case c.FetchWait < 100*time.Millisecond:
+		return bad("fetch wait", "%v must be at least 100ms", c.FetchWait)
+	case c.MaxBatch < 1:
+		return bad("max batch", "%d must be at least 1", c.MaxBatch)
+	case c.MaxDeliver < 1:
+		return bad("max deliver", "%d must be at least 1", c.MaxDeliver)
+	case c.StreamMaxMsgs < 1:
+		return bad("stream max msgs", "%d must be at least 1", c.StreamMaxMsgs)
+	case c.StreamMaxBytes < protocol.MaxRequestBytes:
+		return bad("stream max bytes", "%d must hold at least one request (%d bytes)", c.StreamMaxBytes, protocol.MaxRequestBytes)
+	case c.StreamReplicas < 1 || c.StreamReplicas > 5:
+		return bad("stream replicas", "%d is not in [1, 5]", c.StreamReplicas)
+	case c.MaxTimeout <= 0 || c.MaxTimeout > protocol.MaxTimeout:
+		return bad("max timeout", "%v is not in (0, %v]", c.MaxTimeout, protocol.MaxTimeout)
+	case c.ReplyCacheBytes < 0:
+		return bad("reply cache bytes", "must not be negative")
+	}
+	return nil
+}

@@ -1,0 +1,288 @@
+package fleet
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+
+	"github.com/isode-run/isode/pkg/protocol"
+)
+
+// handle answers one delivered request. It always ends the message's
+// delivery one way: acked after a reply, terminated when it can never
+// succeed, or given back (nak) when this worker cannot take it now.
+func (w *Worker) handle(msg jetstream.Msg, shard int) {
+	defer w.handlers.Done()
+	defer w.gate.release()
+	began := time.Now()
+
+	h := msg.Headers()
+	id := h.Get(protocol.HeaderMsgID)
+	replyTo := h.Get(protocol.HeaderReplyTo)
+	ev := w.log.Debug().Str("id", id).Int("shard", shard)
+
+	if err := w.checkReplyTo(replyTo); err != nil {
+		// Nobody can be told; the request can never be answered.
+		w.log.Warn().Str("id", id).Int("shard", shard).Err(err).Msg("dropping request without a usable reply subject")
+		w.term(msg, err.Error())
+		return
+	}
+	if id == "" {
+		w.answer(msg, replyTo, "", protocol.Errorf(protocol.CodeBadRequest, "header %s (the request id) is missing", protocol.HeaderMsgID), nil, 0, ev, began)
+		return
+	}
+
+	// A redelivery of a request this worker answered already: answer again.
+	if c, ok := w.cache.get(id, time.Now()); ok {
+		w.publish(replyTo, c.header, c.reply)
+		w.ack(msg)
+		ev.Str("outcome", "replayed").Dur("took", time.Since(began)).Msg("request")
+		return
+	}
+	// A redelivery of a request still running here: wait for it.
+	if done, running := w.joinInflight(id); running {
+		stop := w.keepAlive(msg)
+		select {
+		case <-done:
+		case <-w.runCtx.Done():
+			stop()
+			return
+		}
+		stop()
+		c, ok := w.cache.get(id, time.Now())
+		if !ok {
+			// The first delivery was handed back unanswered: so is this one.
+			w.nak(msg, w.cfg.RetryDelay)
+			return
+		}
+		w.publish(replyTo, c.header, c.reply)
+		w.ack(msg)
+		ev.Str("outcome", "joined").Dur("took", time.Since(began)).Msg("request")
+		return
+	}
+	defer w.leaveInflight(id)
+
+	req, err := protocol.DecodeRequest(msg.Data())
+	if err != nil {
+		w.answer(msg, replyTo, id, err, nil, 0, ev, began)
+		return
+	}
+	ev = ev.Str("tenant", req.IsolateKey)
+	if want := protocol.Shard(req.IsolateKey, w.cfg.Shards); want != shard {
+		w.answer(msg, replyTo, id, protocol.Errorf(protocol.CodeBadRequest,
+			"isolate key %q belongs to shard %d (FNV-1a 32 mod %d) but was published to shard %d", req.IsolateKey, want, w.cfg.Shards, shard), nil, 0, ev, began)
+		return
+	}
+	deadline, err := w.deadline(msg, req)
+	if err != nil {
+		w.answer(msg, replyTo, id, err, nil, 0, ev, began)
+		return
+	}
+	if !time.Now().Before(deadline) {
+		w.answer(msg, replyTo, id, protocol.Errorf(protocol.CodeQueueTimeout,
+			"the request's deadline passed %v before a worker took it; it was not run", time.Since(deadline).Round(time.Millisecond)), nil, 0, ev, began)
+		return
+	}
+	if req.Timeout() > w.cfg.MaxTimeout {
+		req.TimeoutMs = w.cfg.MaxTimeout.Milliseconds()
+	}
+
+	ctx, cancel := context.WithDeadline(w.runCtx, deadline)
+	stop := w.keepAlive(msg)
+	runStart := time.Now()
+	res, err := w.run.Run(ctx, req)
+	runTime := time.Since(runStart)
+	stop()
+	cancel()
+
+	switch {
+	case w.runCtx.Err() != nil:
+		// Aborted: leave the message for redelivery elsewhere.
+		return
+	case errors.Is(err, protocol.ErrShuttingDown):
+		w.nak(msg, 0)
+		ev.Str("outcome", "handed back").Msg("request")
+		return
+	case errors.Is(err, protocol.ErrOverloaded):
+		// This tenant's queue here is full: let the stream hold the request
+		// and offer it again shortly, so other tenants keep flowing.
+		w.nak(msg, w.cfg.RetryDelay)
+		ev.Str("outcome", "deferred").Msg("request")
+		return
+	case errors.Is(err, context.DeadlineExceeded):
+		err = protocol.Errorf(protocol.CodeQueueTimeout, "the request's deadline passed before it could run")
+	case err != nil && errors.Is(err, context.Canceled):
+		err = protocol.Errorf(protocol.CodeShuttingDown, "the worker stopped while the request ran")
+	}
+	w.answer(msg, replyTo, id, err, res, runTime, ev, began)
+}
+
+// answer builds, caches and publishes the reply, then acks (or terminates a
+// request that can never succeed).
+func (w *Worker) answer(msg jetstream.Msg, replyTo, id string, runErr error, res *protocol.Result, runTime time.Duration, ev *zerolog.Event, began time.Time) {
+	rep := protocol.Reply{V: protocol.Version, ID: id, Worker: w.cfg.WorkerID, RunMicros: runTime.Microseconds()}
+	if res != nil {
+		rep.Console, rep.ConsoleTruncated = res.Console, res.ConsoleTruncated
+	}
+	if runErr != nil {
+		rep.Error = protocol.AsError(runErr)
+	} else if res == nil || len(res.Value) == 0 {
+		rep.Result = json.RawMessage("null")
+	} else {
+		rep.Result = res.Value
+	}
+	data, err := json.Marshal(&rep)
+	if err == nil && len(data) > int(w.nc.MaxPayload())-4096 {
+		rep.Result, rep.Console = nil, ""
+		rep.Error = protocol.Errorf(protocol.CodeOutputTooLarge, "the reply is %d bytes, over this NATS server's message limit", len(data))
+		data, err = json.Marshal(&rep)
+	}
+	if err != nil {
+		rep = protocol.Reply{V: protocol.Version, ID: id, Worker: w.cfg.WorkerID,
+			Error: protocol.Errorf(protocol.CodeInternal, "encode reply: %v", err)}
+		data, _ = json.Marshal(&rep)
+	}
+	hdr := nats.Header{}
+	hdr.Set(protocol.HeaderRequestID, id)
+	if rep.Error != nil {
+		hdr.Set(protocol.HeaderErrorCode, string(rep.Error.Code))
+		hdr.Set(protocol.HeaderServiceError, rep.Error.Message)
+		hdr.Set(protocol.HeaderServiceErrorCode, rep.Error.Code.StatusString())
+	}
+	if id != "" {
+		w.cache.put(&cached{id: id, reply: data, header: hdr}, time.Now())
+	}
+	w.publish(replyTo, hdr, data)
+	outcome := "ok"
+	if rep.Error != nil {
+		outcome = string(rep.Error.Code)
+	}
+	if rep.Error != nil && rep.Error.Code == protocol.CodeBadRequest {
+		w.term(msg, rep.Error.Message)
+	} else {
+		w.ack(msg)
+	}
+	ev.Str("outcome", outcome).Dur("run", runTime).Dur("took", time.Since(began)).Msg("request")
+}
+
+func (w *Worker) publish(subject string, hdr nats.Header, data []byte) {
+	if err := w.nc.PublishMsg(&nats.Msg{Subject: subject, Header: hdr, Data: data}); err != nil {
+		w.log.Warn().Err(err).Str("subject", subject).Msg("publish reply")
+	}
+}
+
+func (w *Worker) ack(msg jetstream.Msg) {
+	if err := msg.Ack(); err != nil {
+		w.log.Warn().Err(err).Msg("ack request")
+	}
+}
+
+func (w *Worker) term(msg jetstream.Msg, reason string) {
+	if len(reason) > 200 {
+		reason = reason[:200]
+	}
+	if err := msg.TermWithReason(reason); err != nil {
+		w.log.Warn().Err(err).Msg("terminate request")
+	}
+}
+
+func (w *Worker) nak(msg jetstream.Msg, delay time.Duration) {
+	var err error
+	if delay > 0 {
+		err = msg.NakWithDelay(delay)
+	} else {
+		err = msg.Nak()
+	}
+	if err != nil {
+		w.log.Warn().Err(err).Msg("hand back request")
+	}
+}
+
+// keepAlive tells JetStream the request is still being worked on, every
+// AckWait/3, until the returned stop is called.
+func (w *Worker) keepAlive(msg jetstream.Msg) (stop func()) {
+	every := w.cfg.AckWait / 3
+	done := make(chan struct{})
+	t := time.NewTicker(every)
+	w.handlers.Add(1)
+	go func() {
+		defer w.handlers.Done()
+		defer t.Stop()
+		for {
+			select {
+			case <-t.C:
+				if err := msg.InProgress(); err != nil {
+					w.log.Debug().Err(err).Msg("signal progress")
+				}
+			case <-done:
+				return
+			}
+		}
+	}()
+	return func() { close(done) }
+}
+
+// checkReplyTo refuses reply subjects a worker must never publish to: empty
+// or wildcard subjects, the NATS system and JetStream API ($...), and this
+// fleet's own subjects (a reply must not become a request).
+func (w *Worker) checkReplyTo(s string) error {
+	switch {
+	case s == "":
+		return errors.New("header " + protocol.HeaderReplyTo + " is missing")
+	case strings.ContainsAny(s, " \t\r\n*>"):
+		return errors.New("reply subject " + strconv.Quote(s) + " is not a plain subject")
+	case strings.HasPrefix(s, "$"):
+		return errors.New("reply subject " + strconv.Quote(s) + " is reserved for the system")
+	case strings.HasPrefix(s, w.cfg.Prefix+"."):
+		return errors.New("reply subject " + strconv.Quote(s) + " is inside the fleet's own subjects")
+	}
+	return nil
+}
+
+// deadline returns the request's deadline: the header, or (for clients that
+// do not send one) the time the stream stored it plus the run timeout and a
+// queueing allowance.
+func (w *Worker) deadline(msg jetstream.Msg, req *protocol.Request) (time.Time, error) {
+	v := msg.Headers().Get(protocol.HeaderDeadline)
+	if v == "" {
+		stored := time.Now()
+		if md, err := msg.Metadata(); err == nil {
+			stored = md.Timestamp
+		}
+		return stored.Add(req.Timeout() + 30*time.Second), nil
+	}
+	ms, err := strconv.ParseInt(v, 10, 64)
+	if err != nil || ms <= 0 {
+		return time.Time{}, protocol.Errorf(protocol.CodeBadRequest, "header %s is %q, want Unix milliseconds", protocol.HeaderDeadline, v)
+	}
+	return time.UnixMilli(ms), nil
+}
+
+// joinInflight registers id as running here, or returns the channel of the
+// run already in progress.
+func (w *Worker) joinInflight(id string) (<-chan struct{}, bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if ch, ok := w.inflight[id]; ok {
+		return ch, true
+	}
+	w.inflight[id] = make(chan struct{})
+	return nil, false
+}
+
+func (w *Worker) leaveInflight(id string) {
+	w.mu.Lock()
+	ch := w.inflight[id]
+	delete(w.inflight, id)
+	w.mu.Unlock()
+	if ch != nil {
+		close(ch)
+	}
+}

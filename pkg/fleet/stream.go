@@ -1,0 +1,98 @@
+package fleet
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strconv"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/isode-run/isode/pkg/protocol"
+)
+
+// Stream metadata keys recording the deployment's layout.
+const (
+	metaShards  = "isode.shards"
+	metaVersion = "isode.protocol"
+)
+
+// ErrIncompatibleStream is returned when the request stream exists with a
+// layout this worker cannot serve (another shard count, other subjects or
+// retention).
+var ErrIncompatibleStream = errors.New("incompatible request stream")
+
+func (c *Config) streamConfig() jetstream.StreamConfig {
+	return jetstream.StreamConfig{
+		Name:        protocol.StreamName(c.Prefix),
+		Description: "isode run requests, one subject per shard",
+		Subjects:    []string{protocol.RunWildcard(c.Prefix)},
+		Retention:   jetstream.WorkQueuePolicy,
+		Storage:     jetstream.FileStorage,
+		Discard:     jetstream.DiscardNew,
+		MaxMsgs:     c.StreamMaxMsgs,
+		MaxBytes:    c.StreamMaxBytes,
+		MaxMsgSize:  protocol.MaxRequestBytes + 16<<10,
+		Duplicates:  c.DuplicateWindow,
+		Replicas:    c.StreamReplicas,
+		AllowMsgTTL: true,
+		Metadata: map[string]string{
+			metaShards:  strconv.Itoa(c.Shards),
+			metaVersion: strconv.Itoa(protocol.Version),
+		},
+	}
+}
+
+// ensureStream creates the request stream if it is missing and checks that
+// an existing one has this deployment's layout. It does not overwrite an
+// operator's tuning of an existing stream (limits, replicas).
+func ensureStream(ctx context.Context, js jetstream.JetStream, c *Config) (jetstream.Stream, error) {
+	want := c.streamConfig()
+	s, err := js.CreateStream(ctx, want)
+	if err == nil {
+		return s, nil
+	}
+	if !errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
+		return nil, fmt.Errorf("create stream %s: %w", want.Name, err)
+	}
+	s, err = js.Stream(ctx, want.Name)
+	if err != nil {
+		return nil, fmt.Errorf("look up stream %s: %w", want.Name, err)
+	}
+	have := s.CachedInfo().Config
+	switch {
+	case have.Retention != jetstream.WorkQueuePolicy:
+		return nil, fmt.Errorf("%w: stream %s has retention %v, want work queue", ErrIncompatibleStream, want.Name, have.Retention)
+	case !slices.Contains(have.Subjects, want.Subjects[0]):
+		return nil, fmt.Errorf("%w: stream %s has subjects %v, want %v", ErrIncompatibleStream, want.Name, have.Subjects, want.Subjects)
+	case have.Metadata[metaShards] != want.Metadata[metaShards]:
+		return nil, fmt.Errorf("%w: stream %s was made for %q shards, this worker is configured for %d: every worker and client of a deployment must use the same shard count",
+			ErrIncompatibleStream, want.Name, have.Metadata[metaShards], c.Shards)
+	}
+	return s, nil
+}
+
+func (c *Config) consumerConfig(shard int) jetstream.ConsumerConfig {
+	return jetstream.ConsumerConfig{
+		Durable:       protocol.ConsumerName(c.Prefix, shard),
+		Description:   "isode shard " + strconv.Itoa(shard),
+		FilterSubject: protocol.RunSubject(c.Prefix, shard),
+		AckPolicy:     jetstream.AckExplicitPolicy,
+		AckWait:       c.AckWait,
+		MaxDeliver:    c.MaxDeliver,
+		MaxAckPending: 10_000,
+		MaxWaiting:    512,
+		DeliverPolicy: jetstream.DeliverAllPolicy,
+	}
+}
+
+// ensureConsumer creates or updates the durable pull consumer of a shard.
+func ensureConsumer(ctx context.Context, s jetstream.Stream, c *Config, shard int) (jetstream.Consumer, error) {
+	cfg := c.consumerConfig(shard)
+	cons, err := s.CreateOrUpdateConsumer(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("create consumer %s: %w", cfg.Durable, err)
+	}
+	return cons, nil
+}

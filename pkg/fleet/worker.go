@@ -1,0 +1,234 @@
+// Package fleet is the NATS side of an isode worker: it sets up the request
+// stream, owns shards, pulls requests as capacity allows, hands them to a
+// Runner (the container pool), replies to the requester's inbox and acks.
+//
+// It knows nothing of Docker or of the pool's insides: its Runner is an
+// interface declared here.
+package fleet
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+
+	"github.com/isode-run/isode/pkg/protocol"
+)
+
+// Runner runs one request; *pool.Pool satisfies it. Errors are
+// *protocol.Error values; CodeShuttingDown means the runner is closing and
+// the request should be left for another worker.
+type Runner interface {
+	Run(ctx context.Context, req *protocol.Request) (*protocol.Result, error)
+}
+
+// StatsFunc reports the runner's pool counters for WorkerStats.
+type StatsFunc func() protocol.PoolStats
+
+// ErrStopped is returned by Start after Stop.
+var ErrStopped = errors.New("fleet worker stopped")
+
+// Worker consumes the shards it owns and answers requests.
+type Worker struct {
+	cfg   Config
+	nc    *nats.Conn
+	js    jetstream.JetStream
+	run   Runner
+	stats StatsFunc
+	log   zerolog.Logger
+	start time.Time
+
+	gate  *gate
+	cache *replyCache
+
+	// runCtx bounds handlers; cancelled only by Abort.
+	runCtx    context.Context
+	runCancel context.CancelFunc
+	handlers  sync.WaitGroup
+
+	mu       sync.Mutex
+	stream   jetstream.Stream
+	shards   map[int]*shardLoop
+	stopped  bool
+	statsSub *nats.Subscription
+	inflight map[string]chan struct{} // request id -> closed when answered
+}
+
+// New returns a Worker; nothing happens on NATS until Start.
+func New(nc *nats.Conn, run Runner, stats StatsFunc, cfg Config) (*Worker, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return nil, fmt.Errorf("jetstream: %w", err)
+	}
+	if stats == nil {
+		stats = func() protocol.PoolStats { return protocol.PoolStats{} }
+	}
+	w := &Worker{
+		cfg:      cfg,
+		nc:       nc,
+		js:       js,
+		run:      run,
+		stats:    stats,
+		log:      cfg.Logger,
+		start:    time.Now(),
+		gate:     newGate(cfg.Capacity),
+		cache:    newReplyCache(cfg.ReplyCacheTTL, cfg.ReplyCacheBytes),
+		shards:   make(map[int]*shardLoop),
+		inflight: make(map[string]chan struct{}),
+	}
+	w.runCtx, w.runCancel = context.WithCancel(context.Background())
+	return w, nil
+}
+
+// Start creates the stream if missing, answers stats requests and starts
+// pulling every shard. (Shard ownership across a fleet: see Own.)
+func (w *Worker) Start(ctx context.Context) error {
+	s, err := ensureStream(ctx, w.js, &w.cfg)
+	if err != nil {
+		return err
+	}
+	sub, err := w.nc.Subscribe(protocol.StatsSubject(w.cfg.Prefix), w.answerStats)
+	if err != nil {
+		return fmt.Errorf("subscribe to stats: %w", err)
+	}
+	w.mu.Lock()
+	if w.stopped {
+		w.mu.Unlock()
+		sub.Unsubscribe()
+		return ErrStopped
+	}
+	w.stream = s
+	w.statsSub = sub
+	w.mu.Unlock()
+	all := make([]int, w.cfg.Shards)
+	for i := range all {
+		all[i] = i
+	}
+	return w.Own(ctx, all)
+}
+
+// Own makes the worker pull exactly the given shards: loops for shards no
+// longer listed stop pulling (their requests in flight still finish), loops
+// for new shards start. It returns the first error creating a consumer;
+// shards that failed are not owned.
+func (w *Worker) Own(ctx context.Context, shards []int) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.stopped {
+		return ErrStopped
+	}
+	want := make(map[int]bool, len(shards))
+	for _, s := range shards {
+		want[s] = true
+	}
+	for s, l := range w.shards {
+		if !want[s] {
+			l.stop()
+			delete(w.shards, s)
+		}
+	}
+	var first error
+	for s := range want {
+		if _, ok := w.shards[s]; ok {
+			continue
+		}
+		cons, err := ensureConsumer(ctx, w.stream, &w.cfg, s)
+		if err != nil {
+			if first == nil {
+				first = err
+			}
+			continue
+		}
+		w.shards[s] = w.startShard(s, cons)
+	}
+	return first
+}
+
+// Owned returns the shards this worker pulls, sorted.
+func (w *Worker) Owned() []int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	out := make([]int, 0, len(w.shards))
+	for s := range w.shards {
+		out = append(out, s)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// InFlight returns the number of requests this worker holds.
+func (w *Worker) InFlight() int { return w.gate.count() }
+
+// StopPulling stops taking new requests: every shard loop ends and no
+// further pull is sent. Requests already taken keep running. It returns
+// once the loops have ended.
+func (w *Worker) StopPulling() {
+	w.mu.Lock()
+	w.stopped = true
+	loops := make([]*shardLoop, 0, len(w.shards))
+	for s, l := range w.shards {
+		loops = append(loops, l)
+		delete(w.shards, s)
+	}
+	sub := w.statsSub
+	w.statsSub = nil
+	w.mu.Unlock()
+	for _, l := range loops {
+		l.stop()
+	}
+	for _, l := range loops {
+		<-l.done
+	}
+	if sub != nil {
+		sub.Unsubscribe()
+	}
+}
+
+// Wait blocks until every request taken has been answered (or handed back
+// to the stream), or ctx ends. Call it after StopPulling.
+func (w *Worker) Wait(ctx context.Context) error {
+	done := make(chan struct{})
+	go func() {
+		w.handlers.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("requests still in flight: %d: %w", w.gate.count(), ctx.Err())
+	}
+}
+
+// Abort cancels every request in flight; their messages are left
+// unacknowledged, so JetStream redelivers them to another worker.
+func (w *Worker) Abort() { w.runCancel() }
+
+func (w *Worker) answerStats(m *nats.Msg) {
+	st := protocol.WorkerStats{
+		V:        protocol.Version,
+		Worker:   w.cfg.WorkerID,
+		Started:  w.start,
+		Shards:   w.Owned(),
+		InFlight: w.gate.count(),
+		Pool:     w.stats(),
+	}
+	data, err := json.Marshal(&st)
+	if err != nil {
+		w.log.Error().Err(err).Msg("encode stats")
+		return
+	}
+	if err := m.Respond(data); err != nil {
+		w.log.Debug().Err(err).Msg("answer stats")
+	}
+}
