@@ -1,0 +1,37 @@
+// Package dockerx runs isode sandboxes as hardened Docker containers.
+//
+// A Runtime makes sandboxes for one worker: each is a container of the
+// sandbox image (sandbox/ in this repository) whose only process, the agent,
+// runs tenants' snippets in worker threads. The Runtime creates every
+// container hardened (no network, read-only root, a small tmpfs /tmp, no
+// capabilities, no-new-privileges, the default seccomp profile, a non-root
+// user, an init, no IPC namespace sharing, memory without swap, CPU, pids and
+// nofile limits, no logging, no mounts), labels it, and removes it on any
+// failure after create.
+//
+// # Transport
+//
+// The host talks to the agent over the container's attached stdin and
+// stdout (Tty off), through the Docker API only: it works unchanged when the
+// worker itself runs in a container with the Docker socket mounted, and with
+// a remote daemon, and the container needs neither network nor mounts.
+// Docker multiplexes stdout and stderr with 8-byte headers; one goroutine
+// per sandbox reads them and feeds stdout to the frame parser and stderr to
+// a bounded tail. Frames, both ways, are a 4-byte big-endian length and a
+// JSON object; requests carry ids. Everything that comes out of a container
+// is treated as hostile: an oversize length, a frame that is not the JSON
+// the agent sends, an unknown id or a stray byte means the stream can no
+// longer be trusted, and the sandbox is failed (its runs get
+// sandbox_crashed). stdin is opened with StdinOnce: when the worker dies,
+// its connections close, the agent sees end of input and exits, and
+// AutoRemove deletes the container: a dead-man switch.
+//
+// # Deaths and deadlines
+//
+// A Runtime watches the engine's event stream (die and oom events of its
+// own containers); together with the end of a sandbox's stdout this notices
+// a death within a second and fails its runs with out_of_memory or
+// sandbox_crashed. Every Docker call has a deadline. A run whose agent does
+// not even answer its own timeout (a paused or wedged container) fails with
+// timeout and closes the sandbox instead of hanging.
+package dockerx

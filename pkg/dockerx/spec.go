@@ -1,0 +1,73 @@
+package dockerx
+
+import (
+	"strconv"
+
+	"github.com/docker/docker/api/types/container"
+	"github.com/docker/go-units"
+)
+
+// SandboxUser is the numeric user and group the agent runs as. The image's
+// /etc/passwd names it "sandbox"; numbers keep it non-root even with an
+// image that lacks the entry.
+const SandboxUser = "10001:10001"
+
+// containerSpec returns the container and host configuration of a sandbox:
+// the whole hardening of this package is in here.
+func containerSpec(c *Config, tenant string) (*container.Config, *container.HostConfig) {
+	labels := map[string]string{LabelApp: AppName, LabelWorker: c.WorkerID}
+	if tenant != "" {
+		labels[LabelTenant] = tenant
+	}
+	yes := true
+	pids := c.PidsLimit
+	cfg := &container.Config{
+		Image:      c.Image,
+		User:       SandboxUser,
+		WorkingDir: "/tmp",
+		Env: []string{
+			"ISODE_CONCURRENCY=" + strconv.Itoa(c.Concurrency),
+			"ISODE_WORKER_HEAP_MB=" + strconv.Itoa(c.WorkerHeapMB),
+			"ISODE_MAX_FRAME_BYTES=" + strconv.Itoa(c.MaxFrameBytes),
+			"ISODE_MAX_REQUEST_BYTES=" + strconv.Itoa(c.MaxRequestBytes),
+		},
+		Labels: labels,
+		// The protocol: attached stdin and stdout, no TTY. StdinOnce closes
+		// the container's stdin when the attached client goes: the agent
+		// then exits (the dead-man switch).
+		AttachStdin:     true,
+		AttachStdout:    true,
+		AttachStderr:    true,
+		OpenStdin:       true,
+		StdinOnce:       true,
+		Tty:             false,
+		NetworkDisabled: true,
+	}
+	host := &container.HostConfig{
+		NetworkMode:    "none",
+		ReadonlyRootfs: true,
+		Tmpfs: map[string]string{
+			"/tmp": "rw,noexec,nosuid,nodev,size=" + strconv.FormatInt(c.TmpfsSize, 10) + ",mode=1777",
+		},
+		CapDrop: []string{"ALL"},
+		// The default seccomp profile stays on: it is never named here.
+		SecurityOpt:  []string{"no-new-privileges"},
+		Init:         &yes,
+		IpcMode:      "none",
+		CgroupnsMode: "private",
+		AutoRemove:   true,
+		LogConfig:    container.LogConfig{Type: "none"},
+		Runtime:      c.Runtime,
+		Resources: container.Resources{
+			Memory:     c.Memory,
+			MemorySwap: c.Memory, // no swap
+			NanoCPUs:   c.NanoCPUs,
+			PidsLimit:  &pids,
+			Ulimits: []*units.Ulimit{
+				{Name: "nofile", Soft: c.NoFile, Hard: c.NoFile},
+				{Name: "core", Soft: 0, Hard: 0}, // an abort must not dump into /tmp
+			},
+		},
+	}
+	return cfg, host
+}

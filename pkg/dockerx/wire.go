@@ -1,0 +1,206 @@
+package dockerx
+
+import (
+	"bytes"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"unicode/utf8"
+
+	"github.com/isode-run/isode/pkg/protocol"
+)
+
+// The agent protocol (sandbox/agent.js): frames of a 4-byte big-endian
+// length and a JSON object, requests and replies matched by id.
+
+// agentRequest is a frame to the agent.
+type agentRequest struct {
+	ID              uint64          `json:"id"`
+	Op              string          `json:"op"`
+	Code            string          `json:"code,omitempty"`
+	Input           json.RawMessage `json:"input,omitempty"`
+	TimeoutMs       int64           `json:"timeout_ms,omitempty"`
+	MaxResultBytes  int             `json:"max_result_bytes,omitempty"`
+	MaxConsoleBytes int             `json:"max_console_bytes,omitempty"`
+}
+
+// agentReply is a frame from the agent.
+type agentReply struct {
+	ID               *uint64         `json:"id"`
+	Result           json.RawMessage `json:"result"`
+	Error            *protocol.Error `json:"error"`
+	Console          string          `json:"console"`
+	ConsoleTruncated bool            `json:"console_truncated"`
+}
+
+// agentCodes are the error codes an agent may answer with; any other is a
+// protocol violation.
+var agentCodes = map[protocol.Code]bool{
+	protocol.CodeCodeError:      true,
+	protocol.CodeTimeout:        true,
+	protocol.CodeOutOfMemory:    true,
+	protocol.CodeOutputTooLarge: true,
+	protocol.CodeBadRequest:     true,
+	protocol.CodeInternal:       true,
+}
+
+// maxMessageBytes bounds an error message from the agent; longer ones are cut.
+const maxMessageBytes = 8 << 10
+
+// encodeFrame returns the frame of v: length prefix and JSON.
+func encodeFrame(v any) ([]byte, error) {
+	var b bytes.Buffer
+	b.Write([]byte{0, 0, 0, 0})
+	enc := json.NewEncoder(&b)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(v); err != nil {
+		return nil, err
+	}
+	frame := bytes.TrimSuffix(b.Bytes(), []byte("\n"))
+	binary.BigEndian.PutUint32(frame, uint32(len(frame)-4))
+	return frame, nil
+}
+
+// errViolation marks errors that mean the container broke the protocol.
+var errViolation = errors.New("the sandbox broke protocol")
+
+func violation(format string, args ...any) error {
+	return fmt.Errorf("%w: "+format, append([]any{errViolation}, args...)...)
+}
+
+// decodeReply parses and checks one frame from the agent. Any error wraps
+// errViolation.
+func decodeReply(body []byte) (*agentReply, error) {
+	if !utf8.Valid(body) {
+		return nil, violation("frame is not UTF-8")
+	}
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.DisallowUnknownFields()
+	var r agentReply
+	if err := dec.Decode(&r); err != nil {
+		return nil, violation("frame is not a reply: %v", err)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return nil, violation("frame has bytes after its JSON object")
+	}
+	if r.ID == nil {
+		return nil, violation("reply has no id")
+	}
+	if (r.Error == nil) == (r.Result == nil) {
+		return nil, violation("reply %d must carry exactly one of result and error", *r.ID)
+	}
+	if r.Error != nil {
+		if !agentCodes[r.Error.Code] {
+			return nil, violation("reply %d has error code %q", *r.ID, truncate(string(r.Error.Code), 64))
+		}
+		r.Error.Message = truncate(r.Error.Message, maxMessageBytes)
+	}
+	return &r, nil
+}
+
+// truncate cuts s to at most n bytes at a rune boundary.
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n]
+}
+
+// frameReader cuts the stdout byte stream of a container into frames. It
+// is fed Docker's stdout chunks, whose boundaries have nothing to do with
+// frame boundaries.
+type frameReader struct {
+	max  int
+	head [4]byte
+	nh   int    // header bytes read
+	body []byte // the body being read, len = its length
+	nb   int    // body bytes read
+	buf  []byte // reused for small bodies
+}
+
+// readFrom consumes exactly n bytes of r and calls fn for every complete
+// frame, whose body is only valid during the call. An error from fn, a
+// length over max or a short read ends it.
+func (f *frameReader) readFrom(r io.Reader, n int, fn func([]byte) error) error {
+	for n > 0 {
+		if f.body == nil {
+			k := min(4-f.nh, n)
+			if _, err := io.ReadFull(r, f.head[f.nh:f.nh+k]); err != nil {
+				return err
+			}
+			n -= k
+			f.nh += k
+			if f.nh < 4 {
+				continue
+			}
+			size := int(binary.BigEndian.Uint32(f.head[:]))
+			if size > f.max {
+				return violation("frame of %d bytes is over the limit of %d", size, f.max)
+			}
+			if size == 0 {
+				return violation("empty frame")
+			}
+			if size <= 64<<10 {
+				if f.buf == nil {
+					f.buf = make([]byte, 64<<10)
+				}
+				f.body = f.buf[:size]
+			} else {
+				f.body = make([]byte, size)
+			}
+			f.nh, f.nb = 0, 0
+		}
+		k := min(len(f.body)-f.nb, n)
+		if _, err := io.ReadFull(r, f.body[f.nb:f.nb+k]); err != nil {
+			return err
+		}
+		n -= k
+		f.nb += k
+		if f.nb == len(f.body) {
+			body := f.body
+			f.body = nil
+			if err := fn(body); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// tail keeps the last bytes written to it.
+type tail struct {
+	max int
+	b   []byte
+}
+
+func (t *tail) Write(p []byte) (int, error) {
+	n := len(p)
+	if len(p) >= t.max {
+		t.b = append(t.b[:0], p[len(p)-t.max:]...)
+		return n, nil
+	}
+	if over := len(t.b) + len(p) - t.max; over > 0 {
+		t.b = append(t.b[:0], t.b[over:]...)
+	}
+	t.b = append(t.b, p...)
+	return n, nil
+}
+
+func (t *tail) String() string { return string(bytes.ToValidUTF8(t.b, []byte("?"))) }
+
+// lastLine returns the last non-empty line of s, at most n bytes.
+func lastLine(s string, n int) string {
+	s = string(bytes.TrimRight([]byte(s), "\n\r\t "))
+	if i := bytes.LastIndexByte([]byte(s), '\n'); i >= 0 {
+		s = s[i+1:]
+	}
+	if len(s) > n {
+		s = "..." + s[len(s)-n:]
+	}
+	return s
+}

@@ -1,0 +1,481 @@
+'use strict';
+// isode sandbox agent: the only process of a sandbox container (under
+// Docker's init). It reads requests from the container's stdin and writes
+// replies to its stdout, and runs tenants' snippets in worker_threads
+// Workers (worker.js), so this main thread only routes frames and owns the
+// deadlines. It exits when stdin ends: the worker that attached it is gone.
+//
+// Framing, both ways: a 4-byte big-endian length, then that many bytes of a
+// UTF-8 JSON object.
+//   host -> agent: {"id":N,"op":"ping"}
+//                  {"id":N,"op":"run","code":"...","input":<json>,"timeout_ms":N,
+//                   "max_result_bytes":N,"max_console_bytes":N}
+//   agent -> host: {"id":N,"result":<json>,"console":"...","console_truncated":false}
+//                  {"id":N,"error":{"code":"...","message":"..."},"console":"...",...}
+// A ping is answered once a Worker is ready: {"id":N,"result":{"ready":true,...}}.
+//
+// Settings come from the environment (set by the host at container create):
+//   ISODE_CONCURRENCY       Workers at most, so snippets at once (default 4)
+//   ISODE_WORKER_HEAP_MB    V8 old-space limit of each Worker (default 64)
+//   ISODE_MAX_FRAME_BYTES   largest frame this agent writes (default 2 MiB)
+//   ISODE_MAX_REQUEST_BYTES largest frame this agent accepts (default 4 MiB)
+//   ISODE_IDLE_TRIM_MS      idle time after which extra Workers end (default 30000)
+// stderr carries the agent's own diagnostics, one line each.
+
+const fs = require('node:fs');
+const net = require('node:net');
+const path = require('node:path');
+const { Worker } = require('node:worker_threads');
+
+const DEFAULTS = {
+  concurrency: 4,
+  workerHeapMb: 64,
+  workerYoungMb: 4,
+  maxFrameBytes: 2 << 20,
+  maxRequestBytes: 4 << 20,
+  idleTrimMs: 30000,
+  maxResultBytes: 512 << 10,
+  maxConsoleBytes: 64 << 10,
+  workerFile: path.join(__dirname, 'worker.js'),
+};
+
+// --- framing ---------------------------------------------------------------
+
+// FrameDecoder cuts a byte stream into length-prefixed frames of at most max
+// bytes. A longer length is an error: the stream can no longer be trusted.
+class FrameDecoder {
+  constructor(max, onFrame) {
+    this.max = max;
+    this.onFrame = onFrame;
+    this.chunks = [];
+    this.size = 0;
+    this.need = -1; // body length once the header is read
+  }
+
+  push(chunk) {
+    this.chunks.push(chunk);
+    this.size += chunk.length;
+    for (;;) {
+      if (this.need < 0) {
+        if (this.size < 4) return;
+        const head = this.take(4);
+        this.need = head.readUInt32BE(0);
+        if (this.need > this.max) throw new Error(`frame of ${this.need} bytes is over the limit of ${this.max}`);
+      }
+      if (this.size < this.need) return;
+      const body = this.take(this.need);
+      this.need = -1;
+      this.onFrame(body);
+    }
+  }
+
+  take(n) {
+    let out;
+    if (this.chunks[0].length >= n) {
+      out = this.chunks[0].subarray(0, n);
+    } else {
+      out = Buffer.concat(this.chunks, this.size).subarray(0, n);
+      this.chunks = [Buffer.concat(this.chunks, this.size)];
+    }
+    const first = this.chunks[0];
+    if (first.length === n) this.chunks.shift();
+    else this.chunks[0] = first.subarray(n);
+    this.size -= n;
+    return out;
+  }
+}
+
+function encodeFrame(json) {
+  const body = Buffer.from(json, 'utf8');
+  const head = Buffer.allocUnsafe(4);
+  head.writeUInt32BE(body.length, 0);
+  return Buffer.concat([head, body], 4 + body.length);
+}
+
+// --- the agent -------------------------------------------------------------
+
+function errorFrame(id, code, message, consoleText, truncated) {
+  return (
+    '{"id":' + id + ',"error":' + JSON.stringify({ code, message }) +
+    ',"console":' + JSON.stringify(consoleText || '') + ',"console_truncated":' + (truncated === true) + '}'
+  );
+}
+
+// Agent routes requests to Workers. write(buf) sends bytes to the host; log
+// writes one diagnostic line. It is separate from the process's streams so
+// that tests can drive it in memory.
+class Agent {
+  constructor(opts) {
+    this.o = { ...DEFAULTS, ...opts };
+    this.write = this.o.write;
+    this.log = this.o.log || (() => {});
+    this.decoder = new FrameDecoder(this.o.maxRequestBytes, (b) => this.onFrame(b));
+    this.pending = new Map(); // id -> request
+    this.queue = []; // requests waiting for a Worker
+    this.slots = new Set(); // every Worker, in any state
+    this.pings = []; // ping ids waiting for the first ready Worker
+    this.ready = false;
+    this.closed = false;
+    this.spawnFailures = 0;
+    this.stats = { runs: 0, timeouts: 0, replaced: 0, strays: 0 };
+    this.trimTimer = setInterval(() => this.trim(), Math.max(1000, this.o.idleTrimMs / 2));
+    this.trimTimer.unref();
+    this.spawn();
+  }
+
+  // feed takes bytes from the host. It throws when the stream is corrupt.
+  feed(chunk) {
+    this.decoder.push(chunk);
+  }
+
+  onFrame(body) {
+    let m;
+    try {
+      m = JSON.parse(body.toString('utf8'));
+    } catch (e) {
+      throw new Error('request frame is not JSON: ' + e.message);
+    }
+    if (m === null || typeof m !== 'object' || !Number.isSafeInteger(m.id) || m.id < 0) {
+      throw new Error('request frame has no valid id');
+    }
+    if (this.pending.has(m.id)) {
+      this.send(errorFrame(m.id, 'bad_request', `request id ${m.id} is already in flight`));
+      return;
+    }
+    switch (m.op) {
+      case 'ping':
+        if (this.ready) this.pong(m.id);
+        else this.pings.push(m.id);
+        return;
+      case 'run':
+        return this.run(m);
+      default:
+        this.send(errorFrame(m.id, 'bad_request', `unknown op ${JSON.stringify(String(m.op))}`));
+    }
+  }
+
+  pong(id) {
+    let busy = 0;
+    for (const s of this.slots) if (s.req) busy++;
+    this.send(
+      '{"id":' + id + ',"result":' +
+        JSON.stringify({ ready: true, node: process.versions.node, workers: this.slots.size, busy, queued: this.queue.length, ...this.stats }) +
+        '}',
+    );
+  }
+
+  run(m) {
+    if (typeof m.code !== 'string' || m.code === '') {
+      this.send(errorFrame(m.id, 'bad_request', 'run without code'));
+      return;
+    }
+    const timeoutMs = Number.isFinite(m.timeout_ms) && m.timeout_ms > 0 ? Math.min(m.timeout_ms, 2 ** 31 - 1) : 10000;
+    const req = {
+      id: m.id,
+      code: m.code,
+      input: m.input,
+      timeoutMs,
+      maxResult: Number.isSafeInteger(m.max_result_bytes) && m.max_result_bytes > 0 ? m.max_result_bytes : this.o.maxResultBytes,
+      maxConsole: Number.isSafeInteger(m.max_console_bytes) && m.max_console_bytes >= 0 ? m.max_console_bytes : this.o.maxConsoleBytes,
+      slot: null,
+      timer: null,
+    };
+    req.timer = setTimeout(() => this.expire(req), timeoutMs);
+    this.pending.set(req.id, req);
+    this.stats.runs++;
+    this.queue.push(req);
+    this.dispatch();
+  }
+
+  // dispatch gives queued requests to idle Workers and starts Workers when
+  // requests wait and there is room.
+  dispatch() {
+    while (this.queue.length > 0) {
+      let idle = null;
+      for (const s of this.slots) {
+        if (s.state === 'idle') {
+          idle = s;
+          break;
+        }
+      }
+      if (idle === null) break;
+      const req = this.queue.shift();
+      idle.state = 'busy';
+      idle.req = req;
+      req.slot = idle;
+      idle.worker.postMessage({ t: 'run', id: req.id, code: req.code, input: req.input, maxResult: req.maxResult, maxConsole: req.maxConsole });
+    }
+    let starting = 0;
+    for (const s of this.slots) if (s.state === 'starting') starting++;
+    // After repeated start failures only a request finding no Worker at all
+    // retries, so a pids limit cannot turn this into a spawn loop.
+    const mayStart = this.spawnFailures < 3 || this.slots.size === 0;
+    if (this.queue.length > starting && this.slots.size < this.o.concurrency && mayStart) this.spawn();
+  }
+
+  spawn() {
+    if (this.closed) return;
+    const slot = { worker: null, state: 'starting', req: null, idleSince: 0, error: null };
+    let w;
+    try {
+      w = new Worker(this.o.workerFile, {
+        stdout: true,
+        stderr: true,
+        resourceLimits: { maxOldGenerationSizeMb: this.o.workerHeapMb, maxYoungGenerationSizeMb: this.o.workerYoungMb },
+      });
+    } catch (e) {
+      this.log(`cannot start a worker thread: ${e.message}`);
+      this.spawnFailed(e);
+      return;
+    }
+    slot.worker = w;
+    this.slots.add(slot);
+    // Output that bypassed the Worker's own capture: discard, never buffer.
+    w.stdout.resume();
+    w.stderr.resume();
+    w.on('message', (m) => this.onWorkerMessage(slot, m));
+    w.on('error', (e) => {
+      slot.error = e;
+    });
+    w.on('exit', (code) => this.onWorkerExit(slot, code));
+  }
+
+  spawnFailed(e) {
+    this.spawnFailures++;
+    if (this.slots.size > 0) return; // the live Workers will serve the queue
+    const msg = 'the sandbox could not start a worker thread: ' + (e && e.message);
+    for (const id of this.pings.splice(0)) this.send(errorFrame(id, 'internal', msg));
+    for (const req of this.queue.splice(0)) this.finish(req, errorFrame(req.id, 'internal', msg));
+  }
+
+  onWorkerMessage(slot, m) {
+    if (m === null || typeof m !== 'object') return;
+    switch (m.t) {
+      case 'ready':
+        if (slot.state !== 'starting') return;
+        this.spawnFailures = 0;
+        slot.state = 'idle';
+        slot.idleSince = Date.now();
+        if (!this.ready) {
+          this.ready = true;
+          for (const id of this.pings.splice(0)) this.pong(id);
+        }
+        this.dispatch();
+        return;
+      case 'result': {
+        const req = slot.req;
+        if (req === null || m.id !== req.id || slot.state !== 'busy') return; // stale or forged
+        slot.req = null;
+        req.slot = null;
+        const consoleText = typeof m.console === 'string' ? m.console : '';
+        if (m.error && typeof m.error === 'object') {
+          this.finish(req, errorFrame(req.id, String(m.error.code), String(m.error.message), consoleText, m.truncated));
+        } else if (typeof m.json === 'string') {
+          this.finish(req, '{"id":' + req.id + ',"result":' + m.json + ',"console":' + JSON.stringify(consoleText) + ',"console_truncated":' + (m.truncated === true) + '}');
+        } else {
+          this.finish(req, errorFrame(req.id, 'internal', 'worker sent a malformed result'));
+        }
+        if (m.recycle === true) {
+          this.retire(slot);
+        } else {
+          slot.state = 'idle';
+          slot.idleSince = Date.now();
+        }
+        this.dispatch();
+        return;
+      }
+      case 'stray':
+        this.stats.strays++;
+        if (this.stats.strays <= 10 || this.stats.strays % 1000 === 0) this.log(`request ${Number(m.id)}: ${String(m.what).slice(0, 200)}`);
+        return;
+    }
+  }
+
+  onWorkerExit(slot, code) {
+    this.slots.delete(slot);
+    const req = slot.req;
+    if (req !== null && slot.state !== 'dying') {
+      slot.req = null;
+      req.slot = null;
+      const e = slot.error;
+      if (e && e.code === 'ERR_WORKER_OUT_OF_MEMORY') {
+        this.finish(req, errorFrame(req.id, 'out_of_memory', `the snippet ran out of memory: its JavaScript heap is limited to ${this.o.workerHeapMb} MiB`));
+      } else if (e) {
+        this.finish(req, errorFrame(req.id, 'code_error', uncaught(e)));
+      } else {
+        this.finish(req, errorFrame(req.id, 'code_error', `the snippet ended its worker thread (exit code ${code})`));
+      }
+    } else if (slot.error && slot.state !== 'dying') {
+      this.log(`idle worker thread failed: ${uncaught(slot.error).split('\n')[0]}`);
+    }
+    if (slot.state === 'starting') {
+      this.log(`worker thread ended while starting (exit code ${code})`);
+      this.spawnFailed(slot.error || new Error(`exit code ${code}`));
+    }
+    if (slot.state !== 'starting' || this.spawnFailures < 3) this.replace();
+  }
+
+  // replace keeps one Worker warm and starts more when requests wait.
+  replace() {
+    if (this.closed) return;
+    this.stats.replaced++;
+    let live = 0;
+    for (const s of this.slots) if (s.state !== 'dying') live++;
+    if (live === 0) this.spawn();
+    this.dispatch();
+  }
+
+  retire(slot) {
+    if (slot.state === 'dying') return;
+    slot.state = 'dying';
+    slot.worker.terminate().catch(() => {});
+  }
+
+  expire(req) {
+    if (!this.pending.has(req.id)) return;
+    this.stats.timeouts++;
+    const msg = `the snippet did not finish within ${req.timeoutMs} ms (it never called back, or it loops)`;
+    if (req.slot !== null) {
+      const slot = req.slot;
+      slot.req = null;
+      req.slot = null;
+      this.retire(slot);
+    } else {
+      const i = this.queue.indexOf(req);
+      if (i >= 0) this.queue.splice(i, 1);
+    }
+    this.finish(req, errorFrame(req.id, 'timeout', msg));
+  }
+
+  finish(req, json) {
+    if (!this.pending.delete(req.id)) return;
+    clearTimeout(req.timer);
+    this.send(json, req.id);
+  }
+
+  send(json, id) {
+    let frame = encodeFrame(json);
+    if (frame.length - 4 > this.o.maxFrameBytes) {
+      frame = encodeFrame(errorFrame(id, 'output_too_large', `the reply is ${frame.length - 4} bytes, over the frame limit of ${this.o.maxFrameBytes}`));
+    }
+    this.write(frame);
+  }
+
+  trim() {
+    const now = Date.now();
+    let idle = 0;
+    for (const s of this.slots) if (s.state === 'idle') idle++;
+    for (const s of this.slots) {
+      if (idle <= 1 || this.slots.size <= 1) return;
+      if (s.state === 'idle' && now - s.idleSince >= this.o.idleTrimMs) {
+        idle--;
+        this.retire(s);
+      }
+    }
+  }
+
+  async close() {
+    this.closed = true;
+    clearInterval(this.trimTimer);
+    for (const req of this.pending.values()) clearTimeout(req.timer);
+    await Promise.all([...this.slots].map((s) => s.worker.terminate().catch(() => {})));
+  }
+}
+
+// uncaught describes an error that ended a Worker.
+function uncaught(e) {
+  let s;
+  try {
+    s = e && e.name === 'UnhandledRejection' ? String(e.message) : 'uncaught exception: ' + (e && e.name ? e.name + ': ' : '') + (e && e.message !== undefined ? e.message : String(e));
+  } catch {
+    s = 'uncaught exception';
+  }
+  return s.length > 4096 ? s.slice(0, 4093) + '...' : s;
+}
+
+// --- process wiring --------------------------------------------------------
+
+function envInt(name, def, min, max) {
+  const v = process.env[name];
+  if (v === undefined || v === '') return def;
+  const n = Number(v);
+  if (!Number.isSafeInteger(n) || n < min || n > max) {
+    throw new Error(`${name}=${v} is not an integer in [${min}, ${max}]`);
+  }
+  return n;
+}
+
+// privateStdio gives the protocol descriptors of its own and points fds 0
+// and 1 at /dev/null, so that a snippet writing to fd 1 (fs.writeSync(1))
+// or reading fd 0 does not reach the protocol stream by accident. It is no
+// defence against a snippet that looks for the new descriptors: the host
+// treats the stream as hostile whatever happens here.
+function privateStdio(log) {
+  try {
+    const inFd = fs.openSync('/proc/self/fd/0', 'r');
+    const outFd = fs.openSync('/proc/self/fd/1', 'w');
+    fs.closeSync(0);
+    const z = fs.openSync('/dev/null', 'r');
+    fs.closeSync(1);
+    const o = fs.openSync('/dev/null', 'w');
+    if (z !== 0 || o !== 1) log(`stdio not moved as expected (fds ${z}, ${o})`);
+    return { inFd, outFd };
+  } catch (e) {
+    log(`keeping stdio on fds 0 and 1: ${e.message}`);
+    return { inFd: 0, outFd: 1 };
+  }
+}
+
+function streamOf(fd, readable) {
+  const st = fs.fstatSync(fd);
+  if (st.isFIFO() || st.isSocket()) return new net.Socket({ fd, readable, writable: !readable });
+  return readable ? fs.createReadStream(null, { fd }) : fs.createWriteStream(null, { fd });
+}
+
+function main() {
+  const log = (line) => {
+    try {
+      fs.writeSync(2, `isode-agent: ${line}\n`);
+    } catch {
+      // stderr is gone: nothing to tell
+    }
+  };
+  let opts;
+  try {
+    opts = {
+      concurrency: envInt('ISODE_CONCURRENCY', DEFAULTS.concurrency, 1, 256),
+      workerHeapMb: envInt('ISODE_WORKER_HEAP_MB', DEFAULTS.workerHeapMb, 8, 1 << 16),
+      maxFrameBytes: envInt('ISODE_MAX_FRAME_BYTES', DEFAULTS.maxFrameBytes, 4096, 1 << 30),
+      maxRequestBytes: envInt('ISODE_MAX_REQUEST_BYTES', DEFAULTS.maxRequestBytes, 4096, 1 << 30),
+      idleTrimMs: envInt('ISODE_IDLE_TRIM_MS', DEFAULTS.idleTrimMs, 1000, 1 << 30),
+    };
+  } catch (e) {
+    log(e.message);
+    process.exit(2);
+  }
+  const { inFd, outFd } = privateStdio(log);
+  const input = streamOf(inFd, true);
+  const output = streamOf(outFd, false);
+  output.on('error', (e) => {
+    log(`protocol output failed: ${e.message}`);
+    process.exit(1);
+  });
+  const agent = new Agent({ ...opts, write: (b) => output.write(b), log });
+  input.on('data', (chunk) => {
+    try {
+      agent.feed(chunk);
+    } catch (e) {
+      log(`protocol error: ${e.message}`);
+      process.exit(2);
+    }
+  });
+  input.on('end', () => process.exit(0));
+  input.on('error', (e) => {
+    log(`protocol input failed: ${e.message}`);
+    process.exit(1);
+  });
+}
+
+if (require.main === module) main();
+
+module.exports = { Agent, FrameDecoder, encodeFrame, DEFAULTS };

@@ -1,0 +1,308 @@
+'use strict';
+// One snippet runner: the script of every worker_threads Worker the agent
+// (agent.js) keeps. A Worker runs one snippet at a time; the agent's main
+// thread owns the deadline and terminate()s a Worker whose snippet overruns.
+//
+// Messages from the agent: {t: 'run', id, code, input, maxResult, maxConsole}.
+// Messages to the agent:
+//   {t: 'ready'}                                      once, when loaded
+//   {t: 'result', id, json, console, truncated, recycle}
+//   {t: 'result', id, error: {code, message}, console, truncated, recycle}
+//   {t: 'stray', id, what}                            a late callback, for the log
+// recycle asks the agent to replace this Worker: the snippet left timers or
+// other handles behind that would otherwise run during the next request.
+
+const { parentPort } = require('node:worker_threads');
+const { Console } = require('node:console');
+const { isBuiltin } = require('node:module');
+const EventEmitter = require('node:events');
+
+// Everything the runner needs, taken before any user code runs: a snippet
+// may overwrite globals of its Worker, and must then only break itself.
+const post = parentPort.postMessage.bind(parentPort);
+const stringify = JSON.stringify;
+const byteLength = Buffer.byteLength;
+const bufferFrom = Buffer.from;
+const isBuffer = Buffer.isBuffer;
+const later = setImmediate;
+const activeResources = process.getActiveResourcesInfo.bind(process);
+const AsyncFunction = Object.getPrototypeOf(async function () {}).constructor;
+const nodeRequire = require;
+
+const MAX_MESSAGE_BYTES = 4096;
+const STACK_LINES = 5;
+const CACHE_ENTRIES = 64;
+const CACHE_BYTES = 4 << 20;
+
+let current = null; // the request being run, or null
+
+// --- console capture -------------------------------------------------------
+
+// capture appends output to the current request, bounded by its maxConsole;
+// output with no request running (a stray timer) is dropped.
+function capture(chunk) {
+  const req = current;
+  if (req === null || req.truncated) return;
+  let s;
+  try {
+    s = typeof chunk === 'string' ? chunk : isBuffer(chunk) || chunk instanceof Uint8Array ? bufferFrom(chunk).toString('utf8') : String(chunk);
+  } catch {
+    return;
+  }
+  const n = byteLength(s, 'utf8');
+  if (req.consoleBytes + n <= req.maxConsole) {
+    req.console.push(s);
+    req.consoleBytes += n;
+    return;
+  }
+  const room = req.maxConsole - req.consoleBytes;
+  if (room > 0) {
+    const b = bufferFrom(s, 'utf8');
+    let end = room;
+    while (end > 0 && (b[end] & 0xc0) === 0x80) end--; // cut at a character boundary
+    const part = b.subarray(0, end).toString('utf8');
+    req.console.push(part);
+    req.consoleBytes += byteLength(part, 'utf8');
+  }
+  req.truncated = true;
+}
+
+// sink is the stream behind the snippet's console: Console wants an emitter
+// with write(); every write is attributed to the running request at once.
+const sink = new EventEmitter();
+sink.write = function write(chunk, encoding, cb) {
+  capture(chunk);
+  if (typeof encoding === 'function') encoding();
+  else if (typeof cb === 'function') cb();
+  return true;
+};
+
+Object.defineProperty(globalThis, 'console', {
+  value: new Console({ stdout: sink, stderr: sink, colorMode: false }),
+  writable: true,
+  configurable: true,
+  enumerable: false,
+});
+process.stdout.write = sink.write;
+process.stderr.write = sink.write;
+
+// --- errors ----------------------------------------------------------------
+
+function trim(s, max) {
+  if (byteLength(s, 'utf8') <= max) return s;
+  const b = bufferFrom(s, 'utf8');
+  let end = max - 3;
+  while (end > 0 && (b[end] & 0xc0) === 0x80) end--;
+  return b.subarray(0, end).toString('utf8') + '...';
+}
+
+// describe turns anything thrown or passed as an error into one line of text
+// (plus the snippet's own stack frames). It never throws: a hostile error
+// object whose getters throw is described as such.
+function describe(e) {
+  try {
+    if (e !== null && typeof e === 'object' && typeof e.message === 'string') {
+      const name = typeof e.name === 'string' && e.name ? e.name : 'Error';
+      let s = e.message ? name + ': ' + e.message : name;
+      if (typeof e.stack === 'string') {
+        // Only the snippet's own frames, with its own line numbers: the
+        // Function constructor puts two lines before the code.
+        const frames = e.stack
+          .split('\n')
+          .filter((l) => /^\s+at /.test(l) && /<anonymous>:\d+:\d+/.test(l))
+          .slice(0, STACK_LINES)
+          .map((l) => l.trim().replace(/\(?eval at compile \([^)]*\), /, '(').replace(/<anonymous>:(\d+):(\d+)/, (_, n, c) => `snippet:${Math.max(1, n - 2)}:${c}`));
+        if (frames.length > 0) s += '\n    ' + frames.join('\n    ');
+      }
+      return trim(s, MAX_MESSAGE_BYTES);
+    }
+    if (typeof e === 'string') return trim(e, MAX_MESSAGE_BYTES);
+    if (e === undefined) return 'undefined';
+    const j = stringify(e);
+    return trim(j === undefined ? String(e) : j, MAX_MESSAGE_BYTES);
+  } catch {
+    return '(an error value that could not be described)';
+  }
+}
+
+// --- compilation -----------------------------------------------------------
+
+const cache = new Map(); // code -> factory, oldest first
+let cacheBytes = 0;
+
+function compile(code) {
+  let f = cache.get(code);
+  if (f !== undefined) return f;
+  f = new Function('require', code); // throws SyntaxError
+  const n = code.length * 2;
+  if (n <= CACHE_BYTES) {
+    cache.set(code, f);
+    cacheBytes += n;
+    for (const k of cache.keys()) {
+      if (cache.size <= CACHE_ENTRIES && cacheBytes <= CACHE_BYTES) break;
+      cache.delete(k);
+      cacheBytes -= k.length * 2;
+    }
+  }
+  return f;
+}
+
+function sandboxRequire(name) {
+  if (typeof name === 'string' && isBuiltin(name)) return nodeRequire(name);
+  throw new Error(`cannot require ${stringify(String(name))}: only Node.js built-in modules are available in the sandbox`);
+}
+
+// --- running ---------------------------------------------------------------
+
+function codeError(message) {
+  return { error: { code: 'code_error', message } };
+}
+
+// valueOutcome serialises a result now, so a later mutation of the value by
+// the snippet does not change what was returned.
+function valueOutcome(req, value) {
+  let json;
+  try {
+    json = stringify(value);
+  } catch (e) {
+    return codeError('result is not JSON-serialisable: ' + describe(e));
+  }
+  if (json === undefined) json = 'null'; // undefined, a function, a symbol
+  const n = byteLength(json, 'utf8');
+  if (n > req.maxResult) {
+    return { error: { code: 'output_too_large', message: `result is ${n} bytes of JSON, over the limit of ${req.maxResult}` } };
+  }
+  return { json };
+}
+
+function settle(req, outcome) {
+  if (req.settled) return;
+  req.settled = true;
+  req.outcome = outcome;
+  // Sending waits for the next turn of the event loop, so a callback called
+  // twice in the same tick is reported as such instead of being half-sent.
+  later(send, req);
+}
+
+function send(req) {
+  if (req.sent) return;
+  req.sent = true;
+  current = null;
+  const msg = req.outcome;
+  msg.t = 'result';
+  msg.id = req.id;
+  msg.console = req.console.join('');
+  msg.truncated = req.truncated;
+  msg.recycle = leftovers();
+  post(msg);
+}
+
+let baseline = null; // resource type -> count in an idle Worker
+
+function countResources() {
+  const m = new Map();
+  for (const r of activeResources()) m.set(r, (m.get(r) || 0) + 1);
+  return m;
+}
+
+// leftovers reports whether the finished snippet left timers, handles or
+// requests behind that an idle Worker does not have.
+function leftovers() {
+  try {
+    for (const [k, n] of countResources()) if (n > (baseline.get(k) || 0)) return true;
+    return false;
+  } catch {
+    return true;
+  }
+}
+
+function isThenable(v) {
+  try {
+    return v !== null && (typeof v === 'object' || typeof v === 'function') && typeof v.then === 'function';
+  } catch {
+    return false;
+  }
+}
+
+function run(m) {
+  const req = {
+    id: m.id,
+    maxResult: m.maxResult,
+    maxConsole: m.maxConsole,
+    console: [],
+    consoleBytes: 0,
+    truncated: false,
+    settled: false,
+    sent: false,
+    calls: 0,
+    outcome: null,
+  };
+  current = req;
+
+  let fn;
+  try {
+    fn = compile(m.code)(sandboxRequire);
+  } catch (e) {
+    const what = e instanceof SyntaxError ? 'syntax error in the code: ' : 'the code threw before returning its function: ';
+    return settle(req, codeError(what + describe(e)));
+  }
+  if (typeof fn !== 'function') {
+    return settle(req, codeError(`the code must return a function, e.g. \`return function (cb) { cb(null, 1); }\`, but it returned ${fn === null ? 'null' : typeof fn}`));
+  }
+
+  const isAsync = fn instanceof AsyncFunction;
+  const arity = fn.length;
+  // A function that declares a callback settles through it; the promise it
+  // may also return then settles only by rejecting or by resolving to a
+  // value other than undefined.
+  const takesCallback = isAsync ? arity >= 2 : arity >= 1;
+  const ctx = { data: m.input === undefined ? null : m.input };
+
+  const cb = function (err, value) {
+    req.calls++;
+    if (req.calls === 1) {
+      if (req.settled) return; // a promise settled first: first wins
+      return settle(req, err !== null && err !== undefined ? codeError(describe(err)) : valueOutcome(req, value));
+    }
+    if (!req.sent) {
+      req.outcome = codeError('callback called more than once');
+      return;
+    }
+    post({ t: 'stray', id: req.id, what: 'callback called again after the result was sent' });
+  };
+
+  let ret;
+  try {
+    ret = !isAsync && arity === 1 ? fn(cb) : fn(ctx, cb);
+  } catch (e) {
+    return settle(req, codeError('the function threw: ' + describe(e)));
+  }
+  if (isThenable(ret)) {
+    Promise.resolve(ret).then(
+      (v) => {
+        if (v === undefined && takesCallback) return;
+        settle(req, valueOutcome(req, v));
+      },
+      (e) => settle(req, codeError('the promise was rejected: ' + describe(e))),
+    );
+  } else if (!isAsync && arity === 0 && ret !== undefined) {
+    // A function of no parameters may return its result directly.
+    settle(req, valueOutcome(req, ret));
+  }
+  // Otherwise wait for the callback; the agent's deadline ends the wait.
+}
+
+process.on('unhandledRejection', (reason) => {
+  const e = new Error('unhandled promise rejection: ' + describe(reason));
+  e.name = 'UnhandledRejection';
+  throw e; // the Worker ends with an 'error' event; the agent replaces it
+});
+
+parentPort.on('message', (m) => {
+  if (m && m.t === 'run') run(m);
+});
+
+later(() => {
+  baseline = countResources();
+  post({ t: 'ready' });
+});
