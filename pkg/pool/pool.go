@@ -1,0 +1,771 @@
+// Package pool keeps a bounded set of sandboxes, one per tenant (isolate
+// key), between a low and a high watermark, and runs requests in them.
+//
+// # Containers
+//
+// A sandbox is assigned to one tenant for its whole life and is destroyed,
+// never reassigned, when it is recycled. Low free sandboxes are kept ready
+// ahead of demand; a new tenant takes one (a pool hit) and it is replaced in
+// the background. There are never more than High sandboxes, counting those
+// being created and those being removed.
+//
+// # Requests
+//
+// Run serves a request, in this order:
+//  1. the tenant's sandbox has a free slot (PerSandbox runs at once): run
+//     there (a hit);
+//  2. the tenant's sandbox is being created, or is full: wait for it;
+//  3. a free sandbox is ready: assign it to the tenant (a pool hit);
+//  4. fewer than High sandboxes: create one for the tenant (a cold start);
+//     every request of the tenant waits on that one creation;
+//  5. evict the least recently used sandbox that has nothing in flight and
+//     create one for the tenant in its place;
+//  6. wait in the queue.
+//
+// # Queue and fairness
+//
+// Waiting requests sit in per-tenant FIFO lists, bounded in total by
+// QueueSize and per tenant by TenantQueueSize. A tenant that waits for a
+// slot in its own sandbox, or for its own sandbox being created, needs
+// nothing shared and is served from its sandbox as soon as a slot frees; it
+// never holds up another tenant. Tenants that need a sandbox and cannot
+// have one yet wait in one FIFO ring, each tenant once whatever its number
+// of waiting requests; whenever capacity changes (a free sandbox is ready, a
+// sandbox becomes idle or is removed) the ring is served from its head. A
+// tenant whose sandbox is recycled while it still has waiting requests joins
+// the back of the ring. A flooding tenant thus costs others at most one
+// sandbox and TenantQueueSize places in the queue.
+//
+// # Goroutines
+//
+// The pool owns one janitor goroutine (idle and age recycling, refill
+// backoff), one watcher per sandbox (its Done channel), one goroutine per
+// creation and one per removal. Close waits for all of them.
+package pool
+
+import (
+	"container/list"
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/isode-run/isode/pkg/protocol"
+)
+
+// Pool runs requests in per-tenant sandboxes. Its methods are safe for
+// concurrent use.
+type Pool struct {
+	rt    Runtime
+	cfg   Config
+	clock Clock
+	log   zerolog.Logger
+
+	// ctx is cancelled at the end of Close; it stops the janitor.
+	ctx    context.Context
+	cancel context.CancelFunc
+	// createCtx is cancelled when Close begins; it aborts creations.
+	createCtx    context.Context
+	createCancel context.CancelFunc
+	wg           sync.WaitGroup
+	wake         chan struct{} // pokes the janitor; buffered 1
+	closeDone    chan struct{}
+	closeErr     error
+
+	mu      sync.Mutex
+	closed  bool
+	tenants map[string]*tenant
+	entries map[*entry]struct{} // live sandboxes: free, assigned, draining
+	free    []*entry            // ready and unassigned, oldest first
+	lru     list.List           // of *entry: tenants' current sandboxes, least recently released first
+	needy   list.List           // of *tenant: tenants waiting for a sandbox, FIFO ring
+
+	creating  int         // creations under way; each holds a slot toward High
+	closing   int         // retired sandboxes whose Close has not returned
+	unclaimed []*creation // creations of free sandboxes no tenant has claimed
+	queued    int         // requests waiting
+	inflight  int         // runs in flight
+	seq       uint64      // arrival number of the last waiting request
+	// barrier holds back waiting requests that arrived after the oldest
+	// request of a tenant that needs a sandbox and cannot have one (0:
+	// none): tenants' sandboxes then empty, and the first idle one is
+	// evicted for it. It keeps the queue FIFO across tenants.
+	barrier uint64
+
+	createRunning int         // Runtime.Create calls under way
+	createWaiting []*creation // creations waiting for a Create slot
+
+	refillFails int       // refill failures in a row
+	refillAt    time.Time // no refill before this time (zero: none pending)
+	nextWake    time.Time // when the janitor will next look (zero: never)
+	drained     chan struct{}
+
+	stats counters
+}
+
+// entry is one sandbox in the pool.
+type entry struct {
+	sb       Sandbox
+	made     string  // the tenant it was created for ("": free)
+	tenant   *tenant // nil while free
+	created  time.Time
+	lastUsed time.Time
+	inflight int
+	runs     int
+	draining bool          // takes no new run; removed when its runs finish
+	retired  bool          // removed from the pool; Close under way or done
+	gone     chan struct{} // closed on retirement; stops the watcher
+	lruElem  *list.Element
+}
+
+// tenant is the pool's record of one isolate key; it exists while the
+// tenant has a sandbox, a creation or waiting requests.
+type tenant struct {
+	key       string
+	box       *entry    // current sandbox, never draining
+	creation  *creation // under way for this tenant; then box is nil
+	waiters   list.List // of *waiter, FIFO
+	needyElem *list.Element
+}
+
+// How a request got its sandbox, for the counters.
+type grantKind int
+
+const (
+	grantHit       grantKind = iota // the tenant's sandbox
+	grantPoolHit                    // a free sandbox just assigned to the tenant
+	grantColdStart                  // a sandbox just created for the tenant
+)
+
+type waiter struct {
+	t     *tenant
+	seq   uint64 // arrival order
+	elem  *list.Element
+	ready chan struct{} // closed once e or err is set
+	e     *entry
+	err   error
+}
+
+// New returns a pool that makes sandboxes with rt. It starts the pool's
+// goroutines and begins creating Low free sandboxes in the background.
+// Zero fields of cfg that have a default take it; an invalid cfg gives an
+// error wrapping ErrInvalidConfig.
+func New(rt Runtime, cfg Config) (*Pool, error) {
+	if rt == nil {
+		return nil, fmt.Errorf("%w: runtime is nil", ErrInvalidConfig)
+	}
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	cfg = cfg.withDefaults()
+	p := &Pool{
+		rt:        rt,
+		cfg:       cfg,
+		clock:     cfg.Clock,
+		log:       cfg.Logger,
+		wake:      make(chan struct{}, 1),
+		closeDone: make(chan struct{}),
+		tenants:   make(map[string]*tenant),
+		entries:   make(map[*entry]struct{}),
+	}
+	p.ctx, p.cancel = context.WithCancel(context.Background())
+	p.createCtx, p.createCancel = context.WithCancel(p.ctx)
+	p.wg.Add(1)
+	go p.janitor()
+	p.mu.Lock()
+	p.refill()
+	p.mu.Unlock()
+	return p, nil
+}
+
+// Capacity is the number of Runs that may be outstanding (running or
+// waiting) before Run rejects with ErrQueueFull: High*PerSandbox+QueueSize.
+func (p *Pool) Capacity() int {
+	return p.cfg.High*p.cfg.PerSandbox + p.cfg.QueueSize
+}
+
+// Config returns the configuration in force, defaults filled in.
+func (p *Pool) Config() Config { return p.cfg }
+
+// Run runs req in the sandbox of its tenant (req.IsolateKey), waiting in
+// the queue if need be until ctx's deadline or Config.MaxWait.
+//
+// It fails with ErrClosed once Close has begun, ErrQueueFull or
+// ErrTenantQueueFull when the request cannot wait, ErrQueueTimeout when its
+// deadline passed while it waited, an error wrapping ErrCreateFailed when
+// its tenant's sandbox could not be created, and ctx.Err() (wrapped) when
+// ctx was cancelled while it waited. Errors of Sandbox.Run are returned
+// unchanged, with its Result.
+func (p *Pool) Run(ctx context.Context, req *protocol.Request) (*protocol.Result, error) {
+	if req.IsolateKey == "" {
+		return nil, protocol.Errorf(protocol.CodeBadRequest, "isolate_key is empty: name the tenant the code belongs to")
+	}
+	e, err := p.acquire(ctx, req.IsolateKey)
+	if err != nil {
+		return nil, err
+	}
+	defer p.release(e)
+	return e.sb.Run(ctx, req)
+}
+
+// acquire returns a sandbox of tenant key with one run counted in flight.
+func (p *Pool) acquire(ctx context.Context, key string) (*entry, error) {
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return nil, ErrClosed
+	}
+	t := p.tenants[key]
+	if t != nil && t.box != nil && t.box.inflight < p.cfg.PerSandbox && t.waiters.Len() == 0 && p.barrier == 0 {
+		e := t.box
+		p.take(e, grantHit)
+		p.mu.Unlock()
+		return e, nil
+	}
+	if t == nil {
+		t = &tenant{key: key}
+		p.tenants[key] = t
+	}
+	if t.box == nil && t.creation == nil && t.waiters.Len() == 0 && len(p.free) > 0 {
+		// The ring is empty whenever a free sandbox is ready (dispatch
+		// hands them out), so taking one here jumps no one.
+		e := p.popFree()
+		p.assign(e, t)
+		p.take(e, grantPoolHit)
+		p.dispatch()
+		p.mu.Unlock()
+		return e, nil
+	}
+	if t.waiters.Len() >= p.cfg.TenantQueueSize {
+		p.stats.Rejections++
+		p.forget(t)
+		p.mu.Unlock()
+		return nil, ErrTenantQueueFull
+	}
+	if p.queued >= p.cfg.QueueSize {
+		p.stats.Rejections++
+		p.forget(t)
+		p.mu.Unlock()
+		return nil, ErrQueueFull
+	}
+	p.seq++
+	w := &waiter{t: t, seq: p.seq, ready: make(chan struct{})}
+	w.elem = t.waiters.PushBack(w)
+	p.queued++
+	// Armed before the request is visible as queued, so that a test
+	// advancing a fake clock cannot slip in between.
+	timer := p.clock.NewTimer(p.cfg.MaxWait)
+	p.markNeedy(t)
+	if t.needyElem != nil {
+		p.dispatch()
+	}
+	p.mu.Unlock()
+	return p.wait(ctx, w, timer)
+}
+
+// wait blocks until w is granted or failed, ctx is done or timer fires.
+func (p *Pool) wait(ctx context.Context, w *waiter, timer Timer) (*entry, error) {
+	defer timer.Stop()
+	var err error
+	select {
+	case <-w.ready:
+		return w.e, w.err
+	case <-ctx.Done():
+		err = ctx.Err()
+		if errors.Is(err, context.DeadlineExceeded) {
+			err = ErrQueueTimeout
+		} else {
+			err = fmt.Errorf("wait for a sandbox: %w", err)
+		}
+	case <-timer.C():
+		err = ErrQueueTimeout
+	}
+	p.mu.Lock()
+	select {
+	case <-w.ready:
+		// Granted or failed meanwhile.
+		if w.err != nil {
+			p.mu.Unlock()
+			return nil, w.err
+		}
+		if err == ErrQueueTimeout {
+			p.stats.QueueTimeouts++
+		}
+		p.mu.Unlock()
+		p.release(w.e)
+		return nil, err
+	default:
+	}
+	p.dequeue(w)
+	p.forget(w.t)
+	if err == ErrQueueTimeout {
+		p.stats.QueueTimeouts++
+	}
+	p.mu.Unlock()
+	return nil, err
+}
+
+// release ends one run in e.
+func (p *Pool) release(e *entry) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	e.inflight--
+	p.inflight--
+	if p.inflight == 0 && p.drained != nil {
+		close(p.drained)
+		p.drained = nil
+	}
+	if e.retired {
+		return
+	}
+	now := p.clock.Now()
+	e.lastUsed = now
+	if e.draining {
+		if e.inflight == 0 {
+			p.retire(e, true)
+			p.dispatch()
+		}
+		return
+	}
+	t := e.tenant
+	p.lru.MoveToBack(e.lruElem)
+	if t.waiters.Len() > 0 {
+		p.serve(t, grantHit)
+	}
+	if e.inflight > 0 || e.draining {
+		return
+	}
+	// e is idle: it may be evicted for a waiting tenant, and recycled
+	// after IdleTimeout.
+	if p.needy.Len() > 0 {
+		p.dispatch()
+	}
+	if p.cfg.IdleTimeout > 0 && !e.retired {
+		p.wakeBy(now.Add(p.cfg.IdleTimeout))
+	}
+}
+
+// take counts one more run in e for a request granted as kind.
+func (p *Pool) take(e *entry, kind grantKind) {
+	e.inflight++
+	e.runs++
+	p.inflight++
+	switch kind {
+	case grantHit:
+		p.stats.Hits++
+	case grantPoolHit:
+		p.stats.PoolHits++
+	case grantColdStart:
+		p.stats.ColdStarts++
+	}
+	if p.cfg.MaxRequests > 0 && e.runs >= p.cfg.MaxRequests {
+		p.stats.MaxRequestRecycles++
+		p.drain(e)
+	}
+}
+
+// serve grants t's waiting requests slots in its sandbox, in order, up to
+// the barrier.
+func (p *Pool) serve(t *tenant, kind grantKind) {
+	for t.waiters.Len() > 0 && t.box != nil && t.box.inflight < p.cfg.PerSandbox {
+		if p.barrier != 0 && t.waiters.Front().Value.(*waiter).seq > p.barrier {
+			return
+		}
+		w := t.waiters.Remove(t.waiters.Front()).(*waiter)
+		w.elem = nil
+		p.queued--
+		w.e = t.box
+		p.take(t.box, kind)
+		close(w.ready)
+	}
+}
+
+// dequeue removes a waiter that gave up.
+func (p *Pool) dequeue(w *waiter) {
+	t := w.t
+	head := t.waiters.Front() == w.elem
+	t.waiters.Remove(w.elem)
+	w.elem = nil
+	p.queued--
+	if head && t.needyElem != nil {
+		// Its place in the ring was its oldest request's.
+		p.needy.Remove(t.needyElem)
+		t.needyElem = nil
+		p.markNeedy(t)
+		p.dispatch()
+	}
+}
+
+// markNeedy puts t in the ring of tenants that need a sandbox if it has
+// waiting requests and neither a sandbox nor one being created. The ring is
+// ordered by each tenant's oldest waiting request.
+func (p *Pool) markNeedy(t *tenant) {
+	if t.needyElem != nil || t.box != nil || t.creation != nil || t.waiters.Len() == 0 {
+		return
+	}
+	seq := t.waiters.Front().Value.(*waiter).seq
+	for el := p.needy.Back(); el != nil; el = el.Prev() {
+		if el.Value.(*tenant).waiters.Front().Value.(*waiter).seq < seq {
+			t.needyElem = p.needy.InsertAfter(t, el)
+			return
+		}
+	}
+	t.needyElem = p.needy.PushFront(t)
+}
+
+// forget drops t's record when nothing refers to it any more.
+func (p *Pool) forget(t *tenant) {
+	if t.box == nil && t.creation == nil && t.waiters.Len() == 0 && p.tenants[t.key] == t {
+		delete(p.tenants, t.key)
+	}
+}
+
+// total is the number of sandboxes counted toward High.
+func (p *Pool) total() int {
+	return len(p.entries) + p.creating + p.closing
+}
+
+// dispatch hands capacity to tenants waiting in the ring, in order, sets
+// the barrier, then refills free sandboxes. Call it whenever capacity may
+// have changed.
+func (p *Pool) dispatch() {
+	if p.closed {
+		return
+	}
+	for {
+		old := p.barrier
+		p.barrier = p.provideAll()
+		if old == 0 || (p.barrier != 0 && p.barrier <= old) {
+			break
+		}
+		// The barrier lifted or moved on: serve the requests it held back.
+		for _, t := range p.tenants {
+			if t.box != nil && t.waiters.Len() > 0 {
+				p.serve(t, grantHit)
+			}
+		}
+	}
+	p.refill()
+}
+
+// provideAll serves the ring in order and returns the barrier: the oldest
+// request of the first tenant that can have no sandbox now, or 0.
+func (p *Pool) provideAll() uint64 {
+	p.barrier = 0
+	// Sandboxes being removed will free their slots soon: that many tenants
+	// at the head of the ring wait for them instead of evicting.
+	reserved := 0
+	for el := p.needy.Front(); el != nil; {
+		next := el.Next()
+		t := el.Value.(*tenant)
+		p.needy.Remove(el)
+		t.needyElem = nil
+		res := p.provide(t, &reserved)
+		if res != provided {
+			// Back in its place.
+			if next != nil {
+				t.needyElem = p.needy.InsertBefore(t, next)
+			} else {
+				t.needyElem = p.needy.PushBack(t)
+			}
+		}
+		if res == noCapacity {
+			return t.waiters.Front().Value.(*waiter).seq
+		}
+		el = next
+	}
+	return 0
+}
+
+type provision int
+
+const (
+	provided provision = iota
+	waitForSlot
+	noCapacity
+)
+
+// provide finds t a sandbox: a free one, a free one being created, a new
+// one, or a new one in place of an evicted one.
+func (p *Pool) provide(t *tenant, reserved *int) provision {
+	if e := p.popFree(); e != nil {
+		p.assign(e, t)
+		p.serve(t, grantPoolHit)
+		p.markNeedy(t) // only if its sandbox was spent already (MaxRequests)
+		return provided
+	}
+	if len(p.unclaimed) > 0 {
+		c := p.unclaimed[0]
+		p.unclaimed = p.unclaimed[1:]
+		c.t = t
+		t.creation = c
+		return provided
+	}
+	if p.total() < p.cfg.High {
+		p.startCreation(t, nil)
+		return provided
+	}
+	if *reserved < p.closing {
+		*reserved++
+		return waitForSlot
+	}
+	if v := p.lruIdle(); v != nil {
+		p.stats.Evictions++
+		p.log.Debug().Str("sandbox", v.sb.ID()).Str("tenant", v.tenant.key).Str("for", t.key).Msg("evict least recently used sandbox")
+		p.retire(v, false)
+		p.startCreation(t, v)
+		return provided
+	}
+	return noCapacity
+}
+
+// lruIdle returns the least recently used tenant sandbox with nothing in
+// flight, or nil.
+func (p *Pool) lruIdle() *entry {
+	for el := p.lru.Front(); el != nil; el = el.Next() {
+		if e := el.Value.(*entry); e.inflight == 0 {
+			return e
+		}
+	}
+	return nil
+}
+
+func (p *Pool) popFree() *entry {
+	if len(p.free) == 0 {
+		return nil
+	}
+	e := p.free[0]
+	p.free[0] = nil
+	p.free = p.free[1:]
+	return e
+}
+
+// assign makes e, free or new, t's sandbox.
+func (p *Pool) assign(e *entry, t *tenant) {
+	if e.made != t.key {
+		e.sb.Assign(t.key) // must not block
+	}
+	e.tenant = t
+	e.lastUsed = p.clock.Now()
+	t.box = e
+	e.lruElem = p.lru.PushBack(e)
+}
+
+// drain stops giving e new runs; it is retired when its runs finish.
+func (p *Pool) drain(e *entry) {
+	if e.draining || e.retired {
+		return
+	}
+	e.draining = true
+	p.stats.Recycles++
+	p.detach(e)
+	if e.inflight == 0 {
+		p.retire(e, true)
+	}
+}
+
+// detach unlinks e from its tenant (or the free list); the tenant's waiting
+// requests then need a new sandbox.
+func (p *Pool) detach(e *entry) {
+	if t := e.tenant; t != nil {
+		if t.box == e {
+			t.box = nil
+			p.lru.Remove(e.lruElem)
+			e.lruElem = nil
+			p.markNeedy(t)
+			p.forget(t)
+		}
+		return
+	}
+	for i, f := range p.free {
+		if f == e {
+			p.free = append(p.free[:i], p.free[i+1:]...)
+			break
+		}
+	}
+}
+
+// retire removes e from the pool. With closeIt, a goroutine closes its
+// sandbox and keeps its slot toward High until Close returns; without, the
+// caller takes over the slot and the closing.
+func (p *Pool) retire(e *entry, closeIt bool) {
+	if e.retired {
+		return
+	}
+	p.detach(e)
+	e.retired = true
+	close(e.gone)
+	delete(p.entries, e)
+	if closeIt {
+		p.closing++
+		p.wg.Add(1)
+		go func() {
+			defer p.wg.Done()
+			err := p.closeSandbox(e.sb)
+			p.mu.Lock()
+			p.closing--
+			p.dispatch()
+			p.mu.Unlock()
+			if err != nil {
+				p.log.Warn().Err(err).Str("sandbox", e.sb.ID()).Msg("remove sandbox")
+			}
+		}()
+	}
+}
+
+// closeSandbox closes sb with its own deadline: it must happen even while
+// the pool shuts down.
+func (p *Pool) closeSandbox(sb Sandbox) error {
+	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.RemoveTimeout)
+	defer cancel()
+	err := sb.Close(ctx)
+	p.mu.Lock()
+	p.stats.Destroyed++
+	p.mu.Unlock()
+	if err != nil {
+		return fmt.Errorf("close sandbox %s: %w", sb.ID(), err)
+	}
+	return nil
+}
+
+// add puts a new sandbox, made for tenant key, into the pool and starts
+// its watcher.
+func (p *Pool) add(sb Sandbox, key string) *entry {
+	now := p.clock.Now()
+	e := &entry{sb: sb, made: key, created: now, lastUsed: now, gone: make(chan struct{})}
+	p.entries[e] = struct{}{}
+	p.stats.Created++
+	p.wg.Add(1)
+	go p.watch(e)
+	if p.cfg.MaxAge > 0 {
+		p.wakeBy(now.Add(p.cfg.MaxAge))
+	}
+	return e
+}
+
+// watch removes e from the pool as soon as its sandbox dies.
+func (p *Pool) watch(e *entry) {
+	defer p.wg.Done()
+	select {
+	case <-e.sb.Done():
+	case <-e.gone:
+		return
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if e.retired {
+		return
+	}
+	p.stats.Deaths++
+	ev := p.log.Warn().Str("sandbox", e.sb.ID()).Int("in_flight", e.inflight)
+	if e.tenant != nil {
+		ev = ev.Str("tenant", e.tenant.key)
+	}
+	ev.AnErr("cause", e.sb.Err()).Msg("sandbox died")
+	p.retire(e, true)
+	p.dispatch()
+}
+
+// wakeBy makes sure the janitor looks again by at. p.mu is held.
+func (p *Pool) wakeBy(at time.Time) {
+	if p.nextWake.IsZero() || at.Before(p.nextWake) {
+		p.poke()
+	}
+}
+
+// poke wakes the janitor to recompute its next deadline.
+func (p *Pool) poke() {
+	select {
+	case p.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Close stops the pool: Run fails with ErrClosed from now on, and requests
+// waiting in the queue get ErrClosed. Runs in flight may finish within
+// Config.CloseGrace (and ctx); then every sandbox is closed, which fails
+// the runs still in flight with their sandbox's error. Close returns once
+// every goroutine of the pool has ended. It returns ctx's error if ctx
+// ended the grace period, joined with the errors of closing sandboxes.
+// Calling it again waits for the first call and returns its result.
+func (p *Pool) Close(ctx context.Context) error {
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		select {
+		case <-p.closeDone:
+			return p.closeErr
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	p.closed = true
+	for _, t := range p.tenants {
+		for t.waiters.Len() > 0 {
+			w := t.waiters.Remove(t.waiters.Front()).(*waiter)
+			w.elem = nil
+			w.err = ErrClosed
+			close(w.ready)
+		}
+		t.needyElem = nil
+	}
+	p.queued = 0
+	p.needy.Init()
+	drained := make(chan struct{})
+	if p.inflight == 0 {
+		close(drained)
+	} else {
+		p.drained = drained
+	}
+	inflight := p.inflight
+	p.mu.Unlock()
+	p.createCancel()
+
+	var errs []error
+	if inflight > 0 {
+		grace := p.clock.NewTimer(p.cfg.CloseGrace)
+		select {
+		case <-drained:
+		case <-grace.C():
+		case <-ctx.Done():
+			errs = append(errs, fmt.Errorf("close pool: wait for runs in flight: %w", ctx.Err()))
+		}
+		grace.Stop()
+	}
+
+	p.mu.Lock()
+	left := p.inflight
+	var all []*entry
+	for e := range p.entries {
+		all = append(all, e)
+		p.retire(e, false)
+	}
+	p.mu.Unlock()
+	if left > 0 {
+		p.log.Warn().Int("in_flight", left).Msg("close pool: runs still in flight after the grace period; removing their sandboxes")
+	}
+	var (
+		wg    sync.WaitGroup
+		errMu sync.Mutex
+	)
+	for _, e := range all {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := p.closeSandbox(e.sb); err != nil {
+				errMu.Lock()
+				errs = append(errs, err)
+				errMu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	p.cancel()
+	p.wg.Wait()
+	p.closeErr = errors.Join(errs...)
+	close(p.closeDone)
+	return p.closeErr
+}
