@@ -53,6 +53,11 @@ type Config struct {
 	// used to answer a redelivered request without running it twice.
 	ReplyCacheTTL   time.Duration
 	ReplyCacheBytes int
+	// Heartbeat is how often a worker announces itself; MemberTTL is how
+	// long a silent worker still counts as alive. A dead worker's shards
+	// move after about MemberTTL.
+	Heartbeat time.Duration
+	MemberTTL time.Duration
 	// RetryDelay is how long a request waits in the stream before it is
 	// offered again when this worker cannot take it now (its tenant's queue
 	// is full).
@@ -67,7 +72,7 @@ func DefaultConfig() Config {
 		Prefix:          protocol.DefaultPrefix,
 		Shards:          protocol.DefaultShards,
 		Capacity:        256,
-		AckWait:         6 * time.Second,
+		AckWait:         5 * time.Second,
 		FetchWait:       2 * time.Second,
 		MaxBatch:        16,
 		MaxDeliver:      10,
@@ -79,6 +84,8 @@ func DefaultConfig() Config {
 		ReplyCacheTTL:   2 * time.Minute,
 		ReplyCacheBytes: 8 << 20,
 		RetryDelay:      250 * time.Millisecond,
+		Heartbeat:       500 * time.Millisecond,
+		MemberTTL:       2 * time.Second,
 		Logger:          zerolog.Nop(),
 	}
 }
@@ -113,6 +120,10 @@ func (c *Config) Validate() error {
 		return bad("stream replicas", "%d is not in [1, 5]", c.StreamReplicas)
 	case c.MaxTimeout <= 0 || c.MaxTimeout > protocol.MaxTimeout:
 		return bad("max timeout", "%v is not in (0, %v]", c.MaxTimeout, protocol.MaxTimeout)
+	case c.Heartbeat < 50*time.Millisecond:
+		return bad("heartbeat", "%v must be at least 50ms", c.Heartbeat)
+	case c.MemberTTL < 2*c.Heartbeat:
+		return bad("member ttl", "%v must be at least twice the heartbeat %v", c.MemberTTL, c.Heartbeat)
 	case c.ReplyCacheBytes < 0:
 		return bad("reply cache bytes", "must not be negative")
 	}

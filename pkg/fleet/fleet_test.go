@@ -73,6 +73,12 @@ func startWorker(t *testing.T, e *env, run fleet.Runner, cfg fleet.Config) *flee
 	if err != nil {
 		t.Fatal(err)
 	}
+	return startWorkerOn(t, nc, run, cfg)
+}
+
+// startWorkerOn runs a fleet worker on nc until the test ends, then closes nc.
+func startWorkerOn(t *testing.T, nc *nats.Conn, run fleet.Runner, cfg fleet.Config) *fleet.Worker {
+	t.Helper()
 	w, err := fleet.New(nc, run, nil, cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -507,3 +513,5 @@ func waitFor(t *testing.T, d time.Duration, f func() error) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+func protocolShard(key string, shards int) int { return protocol.Shard(key, shards) }

@@ -53,6 +53,11 @@ type Worker struct {
 	runCancel context.CancelFunc
 	handlers  sync.WaitGroup
 
+	// membership loop
+	memberKV     jetstream.KeyValue
+	memberCancel context.CancelFunc
+	memberDone   chan struct{}
+
 	mu       sync.Mutex
 	stream   jetstream.Stream
 	shards   map[int]*shardLoop
@@ -90,10 +95,15 @@ func New(nc *nats.Conn, run Runner, stats StatsFunc, cfg Config) (*Worker, error
 	return w, nil
 }
 
-// Start creates the stream if missing, answers stats requests and starts
-// pulling every shard. (Shard ownership across a fleet: see Own.)
+// Start creates the stream and the members bucket if missing, answers
+// stats requests, joins the fleet and returns once it pulls its share of
+// the shards (all of them when it is alone).
 func (w *Worker) Start(ctx context.Context) error {
 	s, err := ensureStream(ctx, w.js, &w.cfg)
+	if err != nil {
+		return err
+	}
+	kv, err := w.membersBucket(ctx)
 	if err != nil {
 		return err
 	}
@@ -102,19 +112,30 @@ func (w *Worker) Start(ctx context.Context) error {
 		return fmt.Errorf("subscribe to stats: %w", err)
 	}
 	w.mu.Lock()
-	if w.stopped {
+	if w.stopped || w.memberDone != nil {
 		w.mu.Unlock()
 		sub.Unsubscribe()
 		return ErrStopped
 	}
 	w.stream = s
 	w.statsSub = sub
+	w.memberKV = kv
+	mctx, cancel := context.WithCancel(context.Background())
+	w.memberCancel = cancel
+	w.memberDone = make(chan struct{})
 	w.mu.Unlock()
-	all := make([]int, w.cfg.Shards)
-	for i := range all {
-		all[i] = i
+
+	ready := make(chan struct{})
+	go func() {
+		defer close(w.memberDone)
+		w.membership(mctx, kv, ready)
+	}()
+	select {
+	case <-ready:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("join the fleet: %w", ctx.Err())
 	}
-	return w.Own(ctx, all)
 }
 
 // Own makes the worker pull exactly the given shards: loops for shards no
@@ -169,10 +190,24 @@ func (w *Worker) Owned() []int {
 // InFlight returns the number of requests this worker holds.
 func (w *Worker) InFlight() int { return w.gate.count() }
 
-// StopPulling stops taking new requests: every shard loop ends and no
-// further pull is sent. Requests already taken keep running. It returns
-// once the loops have ended.
+// StopPulling stops taking new requests: the worker leaves the fleet (its
+// members key is deleted, so others take its shards at once), every shard
+// loop ends and no further pull is sent. Requests already taken keep
+// running. It returns once the loops have ended.
 func (w *Worker) StopPulling() {
+	w.mu.Lock()
+	cancel, done, kv := w.memberCancel, w.memberDone, w.memberKV
+	w.mu.Unlock()
+	if cancel != nil {
+		cancel()
+		<-done
+		ctx, cancelDel := context.WithTimeout(context.Background(), 2*time.Second)
+		if err := kv.Delete(ctx, w.cfg.WorkerID); err != nil {
+			w.log.Warn().Err(err).Msg("leave the fleet")
+		}
+		cancelDel()
+	}
+
 	w.mu.Lock()
 	w.stopped = true
 	loops := make([]*shardLoop, 0, len(w.shards))

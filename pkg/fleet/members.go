@@ -1,0 +1,236 @@
+package fleet
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"slices"
+	"strconv"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/isode-run/isode/pkg/protocol"
+)
+
+// Membership: every worker puts its id into a key-value bucket every
+// Heartbeat and watches the bucket. A worker whose last put is older than
+// MemberTTL is gone; a worker that leaves gracefully deletes its key, and
+// the others see it at once. Each worker owns the shards for which it wins
+// rendezvous hashing over the live set, so adding or removing one of N
+// workers moves about 1/N of the shards and nothing else.
+//
+// This gives one owner per shard in steady state. It does not give mutual
+// exclusion during a hand-over: for up to a heartbeat two workers may pull
+// the same shard. That costs affinity (a tenant may briefly get a second
+// container) but never correctness: JetStream hands each request to one
+// puller, and containers are per tenant and per worker.
+
+// member is the value a worker announces.
+type member struct {
+	ID      string    `json:"id"`
+	Started time.Time `json:"started"`
+}
+
+func (w *Worker) membersBucket(ctx context.Context) (jetstream.KeyValue, error) {
+	cfg := jetstream.KeyValueConfig{
+		Bucket:      protocol.MembersBucket(w.cfg.Prefix),
+		Description: "isode workers; each key is refreshed every heartbeat",
+		History:     1,
+		TTL:         max(time.Minute, 10*w.cfg.MemberTTL),
+		Storage:     jetstream.MemoryStorage,
+		Replicas:    w.cfg.StreamReplicas,
+	}
+	kv, err := w.js.CreateKeyValue(ctx, cfg)
+	if errors.Is(err, jetstream.ErrBucketExists) {
+		kv, err = w.js.KeyValue(ctx, cfg.Bucket)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("members bucket %s: %w", cfg.Bucket, err)
+	}
+	return kv, nil
+}
+
+// owner returns the member that owns shard: the highest rendezvous hash.
+func owner(members []string, shard int) string {
+	var best string
+	var bestH uint64
+	for _, m := range members {
+		h := fnv.New64a()
+		h.Write([]byte(m))
+		h.Write([]byte{0})
+		h.Write([]byte(strconv.Itoa(shard)))
+		if v := mix64(h.Sum64()); best == "" || v > bestH || (v == bestH && m < best) {
+			best, bestH = m, v
+		}
+	}
+	return best
+}
+
+// mix64 is MurmurHash3's 64-bit finaliser: FNV alone mixes short, similar
+// inputs (w1, w2, ...) too weakly for rendezvous hashing to spread shards.
+func mix64(x uint64) uint64 {
+	x ^= x >> 33
+	x *= 0xff51afd7ed558ccd
+	x ^= x >> 33
+	x *= 0xc4ceb9fe1a85ec53
+	x ^= x >> 33
+	return x
+}
+
+// shardsOf returns the shards self owns among members.
+func shardsOf(self string, members []string, shards int) []int {
+	var out []int
+	for s := 0; s < shards; s++ {
+		if owner(members, s) == self {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// membership runs until ctx ends: it announces this worker, tracks the
+// others and re-owns shards whenever the live set changes. ready is closed
+// after the first reconciliation.
+func (w *Worker) membership(ctx context.Context, kv jetstream.KeyValue, ready chan<- struct{}) {
+	log := w.log.With().Str("part", "membership").Logger()
+	self := w.cfg.WorkerID
+	value, _ := json.Marshal(member{ID: self, Started: w.start})
+	seen := map[string]time.Time{} // member -> when its last put arrived here
+	var lastBeat time.Time         // our last successful put
+	var current []string           // live set last reconciled
+	var owned []int
+	first := true
+
+	beat := func() {
+		pctx, cancel := context.WithTimeout(ctx, w.cfg.Heartbeat)
+		defer cancel()
+		if _, err := kv.Put(pctx, self, value); err != nil {
+			if ctx.Err() == nil {
+				log.Warn().Err(err).Msg("heartbeat")
+			}
+			return
+		}
+		lastBeat = time.Now()
+	}
+	reconcile := func() {
+		now := time.Now()
+		// We serve only while we are sure the others still count us in:
+		// connected, and our last put young enough that it has not expired.
+		selfAlive := w.nc.IsConnected() && now.Sub(lastBeat) < w.cfg.MemberTTL-w.cfg.Heartbeat
+		live := []string{}
+		for m, t := range seen {
+			switch {
+			case m == self:
+			case now.Sub(t) < w.cfg.MemberTTL:
+				live = append(live, m)
+			default:
+				delete(seen, m)
+			}
+		}
+		if selfAlive {
+			live = append(live, self)
+		}
+		slices.Sort(live)
+		want := []int{}
+		if selfAlive {
+			want = shardsOf(self, live, w.cfg.Shards)
+		}
+		if !first && slices.Equal(want, owned) && slices.Equal(live, current) {
+			return
+		}
+		if !slices.Equal(live, current) {
+			log.Info().Strs("members", live).Int("shards", len(want)).Msg("fleet changed")
+		}
+		octx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		err := w.Own(octx, want)
+		cancel()
+		if err != nil {
+			log.Warn().Err(err).Msg("take shards")
+			owned = nil // try again next tick
+		} else {
+			owned = want
+		}
+		current = live
+		if first {
+			first = false
+			close(ready)
+		}
+	}
+
+	var updates <-chan jetstream.KeyValueEntry
+	var watcher jetstream.KeyWatcher
+	defer func() {
+		if watcher != nil {
+			watcher.Stop()
+		}
+	}()
+	watch := func() {
+		if watcher != nil {
+			watcher.Stop()
+		}
+		watcher, updates = nil, nil
+		wt, err := kv.WatchAll(ctx)
+		if err != nil {
+			if ctx.Err() == nil {
+				log.Warn().Err(err).Msg("watch members")
+			}
+			return
+		}
+		watcher, updates = wt, wt.Updates()
+	}
+
+	beat()
+	watch()
+	tick := time.NewTicker(w.cfg.Heartbeat / 4)
+	defer tick.Stop()
+	nextBeat := time.Now().Add(w.cfg.Heartbeat)
+	initial := true // the watcher first replays the current keys, then sends nil
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case e, ok := <-updates:
+			if !ok {
+				watch()
+				continue
+			}
+			if e == nil {
+				if initial {
+					initial = false
+					reconcile()
+				}
+				continue
+			}
+			switch e.Operation() {
+			case jetstream.KeyValuePut:
+				at := time.Now()
+				// A replayed key may belong to a worker that died a while
+				// ago: date it by the server. (A live worker whose entry
+				// looks stale through clock skew is counted at its next put.)
+				if initial && e.Created().Before(at) {
+					at = e.Created()
+				}
+				seen[e.Key()] = at
+			default:
+				delete(seen, e.Key())
+			}
+			if !initial {
+				reconcile()
+			}
+		case <-tick.C:
+			if updates == nil {
+				watch()
+			}
+			if !time.Now().Before(nextBeat) {
+				beat()
+				nextBeat = time.Now().Add(w.cfg.Heartbeat)
+			}
+			if !initial {
+				reconcile()
+			}
+		}
+	}
+}
