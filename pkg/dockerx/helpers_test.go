@@ -159,3 +159,5 @@ func wantCode(t testing.TB, s *dockerx.Sandbox, code string, timeout time.Durati
 	}
 	return res
 }
+
+func contains(s, sub string) bool { return strings.Contains(s, sub) }

@@ -168,7 +168,7 @@ func (r *Runtime) Create(ctx context.Context, tenant string) (*Sandbox, error) {
 	return s, err
 }
 
-func (r *Runtime) create(ctx context.Context, name, tenant string) (s *Sandbox, err error) {
+func (r *Runtime) create(ctx context.Context, name, tenant string) (_ *Sandbox, err error) {
 	cfg, host := containerSpec(&r.cfg, tenant)
 	cctx, cancel := r.callCtx(ctx)
 	resp, err := r.cli.ContainerCreate(cctx, cfg, host, nil, nil, name)
@@ -181,7 +181,7 @@ func (r *Runtime) create(ctx context.Context, name, tenant string) (s *Sandbox, 
 		}
 		return nil, fmt.Errorf("create container: %w", err)
 	}
-	s = newSandbox(r, resp.ID, name, tenant)
+	s := newSandbox(r, resp.ID, name, tenant)
 	defer func() {
 		if err != nil {
 			s.end(protocol.Errorf(protocol.CodeSandboxCrashed, "the sandbox failed to start"), false)
@@ -267,10 +267,30 @@ func (r *Runtime) remove(ctx context.Context, ref string) error {
 	ctx, cancel := r.callCtx(context.WithoutCancel(ctx))
 	defer cancel()
 	err := r.cli.ContainerRemove(ctx, ref, container.RemoveOptions{Force: true})
-	if err == nil || cerrdefs.IsNotFound(err) || cerrdefs.IsConflict(err) {
-		return nil // a conflict is "removal already in progress" (AutoRemove)
+	switch {
+	case err == nil || cerrdefs.IsNotFound(err):
+		return nil
+	case cerrdefs.IsConflict(err):
+		// "Removal already in progress" (AutoRemove, or a concurrent
+		// remove): wait until it is done, so that a caller told the
+		// container is removed can rely on it.
+		return r.waitRemoved(ctx, ref)
 	}
 	return fmt.Errorf("remove container %s: %w", ref, err)
+}
+
+// waitRemoved waits until a container being removed is gone.
+func (r *Runtime) waitRemoved(ctx context.Context, ref string) error {
+	okc, errc := r.cli.ContainerWait(ctx, ref, container.WaitConditionRemoved)
+	select {
+	case <-okc:
+		return nil
+	case err := <-errc:
+		if cerrdefs.IsNotFound(err) {
+			return nil
+		}
+		return fmt.Errorf("wait for removal of container %s: %w", ref, err)
+	}
 }
 
 // removeInBackground removes a container without blocking the caller;
