@@ -119,3 +119,25 @@ func jsonOf(v any) string {
 	b, _ := json.Marshal(v)
 	return string(b)
 }
+
+// TestIdleMemory: an idle sandbox stays within 40 MiB of working set (the
+// cgroup's usage less reclaimable page cache, as `docker stats` shows it).
+func TestIdleMemory(t *testing.T) {
+	e := newEnv(t, nil)
+	s := e.create("")
+	mustRun(t, s, `return function (cb) { cb(null, 1) }`, "")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	m, err := s.Memory(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("idle sandbox: working set %.1f MiB, cgroup usage %.1f MiB (with page cache), limit %d MiB",
+		float64(m.WorkingSet)/dockerx.MiB, float64(m.Usage)/dockerx.MiB, m.Limit/dockerx.MiB)
+	if m.WorkingSet == 0 || m.WorkingSet > 40*dockerx.MiB {
+		t.Fatalf("idle working set %d bytes, want (0, 40 MiB]", m.WorkingSet)
+	}
+	if m.Limit != uint64(e.cfg.Memory) {
+		t.Fatalf("memory limit %d, want %d", m.Limit, e.cfg.Memory)
+	}
+}
