@@ -1,0 +1,173 @@
+'use strict';
+// Unit tests of the agent, without Docker:  node --test sandbox/
+const test = require('node:test');
+const assert = require('node:assert/strict');
+const fs = require('node:fs');
+const path = require('node:path');
+const { spawn } = require('node:child_process');
+const { Agent, FrameDecoder, encodeFrame } = require('./agent.js');
+
+// harness drives an in-memory Agent: call(req) resolves with the reply.
+function harness(opts = {}) {
+  const waiting = new Map();
+  const logs = [];
+  const dec = new FrameDecoder(16 << 20, (b) => {
+    const m = JSON.parse(b.toString('utf8'));
+    const w = waiting.get(m.id);
+    assert.ok(w, `reply to unknown id ${m.id}`);
+    waiting.delete(m.id);
+    w(m);
+  });
+  const agent = new Agent({ write: (buf) => dec.push(buf), log: (l) => logs.push(l), ...opts });
+  let next = 1;
+  const call = (req) =>
+    new Promise((resolve) => {
+      const id = next++;
+      waiting.set(id, resolve);
+      agent.feed(encodeFrame(JSON.stringify({ id, ...req })));
+    });
+  const runCode = (code, extra = {}) => call({ op: 'run', code, timeout_ms: 2000, ...extra });
+  return { agent, call, runCode, logs };
+}
+
+test('ping is answered once a Worker is ready', async (t) => {
+  const h = harness();
+  t.after(() => h.agent.close());
+  const r = await h.call({ op: 'ping' });
+  assert.equal(r.result.ready, true);
+  assert.equal(r.result.node, process.versions.node);
+  assert.equal(r.result.workers, 1);
+});
+
+test('results of every form come back as themselves', async (t) => {
+  const h = harness();
+  t.after(() => h.agent.close());
+  const cases = [
+    ['return function (cb) { cb(null, "Hello, world!"); }', undefined, 'Hello, world!'],
+    ['return function (cb) { cb(null, 0) }', undefined, 0],
+    ['return function (cb) { cb(null, false) }', undefined, false],
+    ['return function (cb) { cb(null, "") }', undefined, ''],
+    ['return function (cb) { cb(null, undefined) }', undefined, null],
+    ['return function (ctx, cb) { cb(null, ctx.data.n + 1) }', { n: 41 }, 42],
+    ['return async (ctx) => ctx.data', [1, 2], [1, 2]],
+    ['return function () { return Promise.resolve("p") }', undefined, 'p'],
+    ['return function () { return 7 }', undefined, 7],
+    ['return async function (ctx, cb) { setTimeout(() => cb(null, "cb"), 5) }', undefined, 'cb'],
+  ];
+  const replies = await Promise.all(cases.map(([code, input]) => h.runCode(code, input === undefined ? {} : { input })));
+  replies.forEach((r, i) => {
+    assert.equal(r.error, undefined, `case ${i}: ${JSON.stringify(r.error)}`);
+    assert.deepEqual(r.result, cases[i][2], `case ${i}`);
+  });
+});
+
+test('each failure has its own error and the agent keeps serving', async (t) => {
+  const h = harness({ concurrency: 2, workerHeapMb: 32 });
+  t.after(() => h.agent.close());
+  const cases = [
+    ['return function (cb) {', 'code_error', /syntax error/],
+    ['return 1', 'code_error', /must return a function/],
+    ['return function (cb) { throw new TypeError("t") }', 'code_error', /threw: TypeError: t/],
+    ['return function (cb) { setImmediate(() => { throw new Error("a") }) }', 'code_error', /uncaught exception: Error: a/],
+    ['return function (cb) { Promise.reject(7) }', 'code_error', /unhandled promise rejection: 7/],
+    ['return function (cb) { cb(null, 1); cb(null, 2) }', 'code_error', /more than once/],
+    ['return function (cb) { cb(null, 1n) }', 'code_error', /not JSON-serialisable/],
+    ['return function (cb) { cb(null, "x".repeat(2000)) }', 'output_too_large', /over the limit of 1000/],
+    ['return function (cb) { for (;;) {} }', 'timeout', /did not finish within 300 ms/],
+    ['return function (cb) { const a = []; for (;;) a.push(new Array(1e5).fill(0.5)) }', 'out_of_memory', /heap is limited to 32 MiB/],
+    ['return function (cb) { process.exit(5) }', 'code_error', /exit code 5/],
+  ];
+  for (const [code, want, msg] of cases) {
+    const r = await h.runCode(code, { timeout_ms: code.includes('for (;;) {}') ? 300 : 5000, max_result_bytes: 1000 });
+    assert.equal(r.error && r.error.code, want, `${code}: ${JSON.stringify(r)}`);
+    assert.match(r.error.message, msg);
+    const ok = await h.runCode('return function (cb) { cb(null, "ok") }');
+    assert.equal(ok.result, 'ok', `after ${code}`);
+  }
+  const st = await h.call({ op: 'ping' });
+  assert.ok(st.result.workers <= 2, JSON.stringify(st.result));
+});
+
+test('console is captured per request and bounded', async (t) => {
+  const h = harness();
+  t.after(() => h.agent.close());
+  const r = await h.runCode('return function (cb) { console.log("a"); console.warn("b"); process.stdout.write("c"); cb(null, 1) }');
+  assert.equal(r.console, 'a\nb\nc');
+  assert.equal(r.console_truncated, false);
+  const big = await h.runCode('return function (cb) { for (let i = 0; i < 1000; i++) console.log("☃".repeat(10)); cb(null, 1) }', { max_console_bytes: 100 });
+  assert.equal(big.console_truncated, true);
+  assert.ok(Buffer.byteLength(big.console) <= 100, `${Buffer.byteLength(big.console)} bytes`);
+  assert.ok(!big.console.includes('\ufffd'), 'cut inside a character');
+});
+
+test('a snippet that leaves timers behind does not leak into the next request', async (t) => {
+  const h = harness({ concurrency: 1 });
+  t.after(() => h.agent.close());
+  const first = await h.runCode('return function (cb) { setInterval(() => console.log("leak"), 1); cb(null, 1) }');
+  assert.equal(first.result, 1);
+  const second = await h.runCode('return function (cb) { setTimeout(() => cb(null, 2), 30) }');
+  assert.equal(second.result, 2);
+  assert.equal(second.console, '');
+});
+
+test('requests beyond the concurrency wait for a Worker', async (t) => {
+  const h = harness({ concurrency: 2 });
+  t.after(() => h.agent.close());
+  const code = 'return function (cb) { const s = Date.now(); setTimeout(() => cb(null, [s, Date.now()]), 100) }';
+  const rs = await Promise.all([1, 2, 3].map(() => h.runCode(code)));
+  const spans = rs.map((r) => r.result).sort((a, b) => a[0] - b[0]);
+  assert.ok(spans[1][0] < spans[0][1], 'the first two overlap');
+  assert.ok(spans[2][0] >= Math.min(spans[0][1], spans[1][1]), 'the third waits for a free Worker');
+  const st = await h.call({ op: 'ping' });
+  assert.equal(st.result.workers, 2);
+});
+
+test('bad requests are answered, not fatal', async (t) => {
+  const h = harness();
+  t.after(() => h.agent.close());
+  assert.equal((await h.call({ op: 'dance' })).error.code, 'bad_request');
+  assert.equal((await h.call({ op: 'run' })).error.code, 'bad_request');
+  assert.throws(() => h.agent.feed(Buffer.from([0xff, 0xff, 0xff, 0xff])), /over the limit/);
+});
+
+test('FrameDecoder reassembles frames split anywhere', () => {
+  const frames = ['{"a":1}', 'x'.repeat(5000), '{}'];
+  const stream = Buffer.concat(frames.map((f) => encodeFrame(f)));
+  for (let step = 1; step < 12; step++) {
+    const got = [];
+    const d = new FrameDecoder(1 << 20, (b) => got.push(b.toString()));
+    for (let i = 0; i < stream.length; i += step) d.push(stream.subarray(i, i + step));
+    assert.deepEqual(got, frames, `step ${step}`);
+  }
+});
+
+test('the process exits on stdin EOF and keeps fd 1 writes off the protocol', { timeout: 20000 }, async () => {
+  // Through a shell so the agent's stdin and stdout are real pipes, as in
+  // a container (node's own spawn would give it sockets).
+  const agent = path.join(__dirname, 'agent.js');
+  const p = spawn('/bin/sh', ['-c', `cat | "${process.execPath}" "${agent}" | cat`], { stdio: ['pipe', 'pipe', 'pipe'] });
+  let out = Buffer.alloc(0);
+  let err = '';
+  p.stdout.on('data', (c) => (out = Buffer.concat([out, c])));
+  p.stderr.on('data', (c) => (err += c));
+  p.stdin.write(encodeFrame(JSON.stringify({ id: 1, op: 'run', code: 'return function (cb) { require("fs").writeSync(1, "garbage"); cb(null, "clean") }', timeout_ms: 5000 })));
+  await new Promise((resolve) => {
+    const check = () => (out.length >= 4 && out.length >= 4 + out.readUInt32BE(0) ? resolve() : setTimeout(check, 10));
+    check();
+  });
+  p.stdin.end();
+  const code = await new Promise((resolve) => p.on('exit', resolve));
+  assert.equal(code, 0, err);
+  const n = out.readUInt32BE(0);
+  assert.equal(out.length, 4 + n, `extra bytes on the protocol stream: ${out.subarray(4 + n)}`);
+  assert.equal(JSON.parse(out.subarray(4).toString()).result, 'clean');
+  assert.equal(err, '');
+});
+
+test('sandbox/Dockerfile runs node with the flags of node-flags.sh', () => {
+  const sh = fs.readFileSync(path.join(__dirname, 'node-flags.sh'), 'utf8');
+  const flags = sh.match(/^ISODE_NODE_FLAGS=\((.*)\)$/m)[1].trim().split(/\s+/);
+  const df = fs.readFileSync(path.join(__dirname, 'Dockerfile'), 'utf8');
+  const entry = JSON.parse(df.match(/^ENTRYPOINT (\[.*\])$/m)[1]);
+  assert.deepEqual(entry, ['node', ...flags, '/agent/agent.js']);
+});
