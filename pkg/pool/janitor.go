@@ -18,6 +18,12 @@ func (p *Pool) janitor() {
 		if !next.IsZero() {
 			timer = p.clock.NewTimer(next.Sub(now))
 			fire = timer.C()
+			// Time may have moved past next while the timer was armed
+			// relative to an older now.
+			if !p.clock.Now().Before(next) {
+				timer.Stop()
+				continue
+			}
 		}
 		select {
 		case <-fire:

@@ -219,6 +219,10 @@ func (p *Pool) acquire(ctx context.Context, key string) (*entry, error) {
 		return nil, ErrClosed
 	}
 	t := p.tenants[key]
+	if t != nil && t.box != nil && p.gone(t.box) {
+		p.dispatch()
+		t = p.tenants[key] // may be forgotten now
+	}
 	if t != nil && t.box != nil && t.box.inflight < p.cfg.PerSandbox && t.waiters.Len() == 0 && p.barrier == 0 {
 		e := t.box
 		p.take(e, grantHit)
@@ -232,12 +236,13 @@ func (p *Pool) acquire(ctx context.Context, key string) (*entry, error) {
 	if t.box == nil && t.creation == nil && t.waiters.Len() == 0 && len(p.free) > 0 {
 		// The ring is empty whenever a free sandbox is ready (dispatch
 		// hands them out), so taking one here jumps no one.
-		e := p.popFree()
-		p.assign(e, t)
-		p.take(e, grantPoolHit)
-		p.dispatch()
-		p.mu.Unlock()
-		return e, nil
+		if e := p.popFree(); e != nil {
+			p.assign(e, t)
+			p.take(e, grantPoolHit)
+			p.dispatch()
+			p.mu.Unlock()
+			return e, nil
+		}
 	}
 	if t.waiters.Len() >= p.cfg.TenantQueueSize {
 		p.stats.Rejections++
@@ -319,6 +324,10 @@ func (p *Pool) release(e *entry) {
 		p.drained = nil
 	}
 	if e.retired {
+		return
+	}
+	if p.gone(e) {
+		p.dispatch()
 		return
 	}
 	now := p.clock.Now()
@@ -533,14 +542,20 @@ func (p *Pool) lruIdle() *entry {
 	return nil
 }
 
+// popFree takes the oldest free sandbox that is still alive, or nil.
 func (p *Pool) popFree() *entry {
-	if len(p.free) == 0 {
-		return nil
+	for len(p.free) > 0 {
+		e := p.free[0]
+		p.free[0] = nil
+		p.free = p.free[1:]
+		select {
+		case <-e.sb.Done():
+			p.died(e)
+		default:
+			return e
+		}
 	}
-	e := p.free[0]
-	p.free[0] = nil
-	p.free = p.free[1:]
-	return e
+	return nil
 }
 
 // assign makes e, free or new, t's sandbox.
@@ -656,6 +671,26 @@ func (p *Pool) watch(e *entry) {
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	p.died(e)
+	p.dispatch()
+}
+
+// gone reports whether e's sandbox has died, and if so removes it at once,
+// without waiting for its watcher, so that it is never handed out again.
+// p.mu is held.
+func (p *Pool) gone(e *entry) bool {
+	select {
+	case <-e.sb.Done():
+		p.died(e)
+		return true
+	default:
+		return false
+	}
+}
+
+// died removes e, whose sandbox died. p.mu is held. It does not
+// dispatch: it is called from within dispatch.
+func (p *Pool) died(e *entry) {
 	if e.retired {
 		return
 	}
@@ -666,7 +701,6 @@ func (p *Pool) watch(e *entry) {
 	}
 	ev.AnErr("cause", e.sb.Err()).Msg("sandbox died")
 	p.retire(e, true)
-	p.dispatch()
 }
 
 // wakeBy makes sure the janitor looks again by at. p.mu is held.

@@ -196,6 +196,7 @@ func TestHighNeverExceeded(t *testing.T) {
 			cfg.TenantQueueSize = tt.perTenant
 			cfg.CreateConcurrency = 2
 			p := newPool(t, rt, cfg)
+			stop := watchInvariants(t, p)
 
 			var wg sync.WaitGroup
 			errs := make(chan error, tt.tenants*tt.perTenant)
@@ -211,6 +212,7 @@ func TestHighNeverExceeded(t *testing.T) {
 				}
 			}
 			wg.Wait()
+			stop()
 			close(errs)
 			for err := range errs {
 				t.Errorf("Run: %v", err)
