@@ -3,6 +3,7 @@ package dockerx_test
 import (
 	"context"
 	"errors"
+	"strings"
 	"testing"
 	"time"
 
@@ -284,5 +285,45 @@ func removeWorker(t *testing.T, e *env, worker string) {
 	defer cancel()
 	for _, c := range e.containers() {
 		_ = e.cli.ContainerRemove(ctx, c.ID, container.RemoveOptions{Force: true})
+	}
+}
+
+// TestRuntimeCloseDuringCreate: Close while Creates are in flight leaves
+// no container behind and makes no more.
+func TestRuntimeCloseDuringCreate(t *testing.T) {
+	e := newEnv(t, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	keep := e.create("")
+	errs := make(chan error, 3)
+	for range 3 {
+		go func() {
+			s, err := e.rt.Create(ctx, "")
+			if err == nil {
+				<-s.Done() // closed by the Runtime's Close
+			}
+			errs <- err
+		}()
+	}
+	// Close as soon as the engine has at least one more container.
+	poll(10*time.Second, func() bool { return len(e.containers()) > 1 })
+	if err := e.rt.Close(ctx); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	for range 3 {
+		if err := <-errs; err != nil && !errors.Is(err, dockerx.ErrClosed) && !errors.Is(err, dockerx.ErrNotReady) && !strings.Contains(err.Error(), "container") {
+			t.Errorf("Create during Close: %v", err)
+		}
+	}
+	select {
+	case <-keep.Done():
+	default:
+		t.Fatal("a sandbox survived its Runtime's Close")
+	}
+	if n := len(e.containers()); n != 0 {
+		t.Fatalf("%d containers left right after Close", n)
+	}
+	if _, err := e.rt.Create(ctx, ""); !errors.Is(err, dockerx.ErrClosed) {
+		t.Fatalf("Create after Close: %v, want ErrClosed", err)
 	}
 }

@@ -31,6 +31,8 @@ type Runtime struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
+	creates sync.WaitGroup // Creates in flight; Close waits for them
+
 	mu        sync.Mutex
 	closed    bool
 	sandboxes map[string]*Sandbox // by container id
@@ -158,7 +160,9 @@ func (r *Runtime) Create(ctx context.Context, tenant string) (*Sandbox, error) {
 		return nil, ErrClosed
 	}
 	r.creating[name] = true
+	r.creates.Add(1)
 	r.mu.Unlock()
+	defer r.creates.Done()
 
 	s, err := r.create(ctx, name, tenant)
 
@@ -321,7 +325,7 @@ func (r *Runtime) Close(ctx context.Context) error {
 		r.mu.Unlock()
 		return nil
 	}
-	r.closed = true
+	r.closed = true // from now on track refuses: the list below is complete
 	list := make([]*Sandbox, 0, len(r.sandboxes))
 	for _, s := range r.sandboxes {
 		list = append(list, s)
@@ -340,6 +344,9 @@ func (r *Runtime) Close(ctx context.Context) error {
 		}()
 	}
 	wg.Wait()
+	// A Create in flight fails now (its sandbox was closed above, or track
+	// refuses it) and removes its container: wait for that.
+	r.creates.Wait()
 
 	r.mu.Lock()
 	r.cancel()

@@ -321,7 +321,10 @@ func (s *Sandbox) end(reason *protocol.Error, removeAsync bool) bool {
 	}
 	close(s.done)
 	if reason != nil {
-		s.rt.log.Warn("sandbox ended", "container", s.id, "tenant", s.Tenant(), "code", reason.Code, "reason", reason.Message)
+		s.mu.Lock()
+		stderr := lastLine(s.stderr.String(), 300)
+		s.mu.Unlock()
+		s.rt.log.Warn("sandbox ended", "container", s.id, "tenant", s.Tenant(), "code", reason.Code, "reason", reason.Message, "stderr", stderr)
 	}
 	if removeAsync {
 		s.rt.removeInBackground(s.id)
