@@ -58,7 +58,7 @@ func TestHardeningFromInside(t *testing.T) {
 		const fs = require("fs");
 		const v1 = "/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes", v2 = "/sys/fs/cgroup/memory.swap.max";
 		if (fs.existsSync(v2)) return cb(null, fs.readFileSync(v2, "utf8").trim() === "0");
-		if (fs.existsSync(v1)) return cb(null, Number(fs.readFileSync(v1, "utf8")) === ` + jsonOf(e.cfg.Memory) + `);
+		if (fs.existsSync(v1)) return cb(null, Number(fs.readFileSync(v1, "utf8")) === `+jsonOf(e.cfg.Memory)+`);
 		cb(null, true) // the kernel has no swap accounting, and the host no swap
 	}`, `true`)
 
