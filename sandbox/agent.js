@@ -37,6 +37,8 @@ const DEFAULTS = {
   maxResultBytes: 512 << 10,
   maxConsoleBytes: 64 << 10,
   workerFile: path.join(__dirname, 'worker.js'),
+  stuckMs: 5000,
+  onStuck: () => {},
 };
 
 // --- framing ---------------------------------------------------------------
@@ -329,6 +331,13 @@ class Agent {
     if (slot.state === 'dying') return;
     slot.state = 'dying';
     slot.worker.terminate().catch(() => {});
+    // A Worker stuck where termination cannot reach it would hold its slot
+    // for ever: past a while the whole agent gives up, and the host makes a
+    // new sandbox.
+    const t = setTimeout(() => {
+      if (this.slots.has(slot) && !this.closed) this.o.onStuck(`a worker thread did not stop within ${this.o.stuckMs} ms of being terminated`);
+    }, this.o.stuckMs);
+    t.unref();
   }
 
   expire(req) {
@@ -460,7 +469,11 @@ function main() {
     log(`protocol output failed: ${e.message}`);
     process.exit(1);
   });
-  const agent = new Agent({ ...opts, write: (b) => output.write(b), log });
+  const onStuck = (why) => {
+    log(`${why}: exiting`);
+    process.exit(70);
+  };
+  const agent = new Agent({ ...opts, write: (b) => output.write(b), log, onStuck });
   input.on('data', (chunk) => {
     try {
       agent.feed(chunk);

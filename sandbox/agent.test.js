@@ -122,6 +122,20 @@ test('requests beyond the concurrency wait for a Worker', async (t) => {
   assert.equal(st.result.workers, 2);
 });
 
+test('a Worker that termination cannot reach makes the agent give up', async (t) => {
+  let stuck = null;
+  const h = harness({ stuckMs: 300, onStuck: (why) => (stuck = why) });
+  t.after(() => h.agent.close());
+  // A synchronous child process blocks the thread in native code.
+  const r = await h.runCode('return function (cb) { require("child_process").execFileSync(process.execPath, ["-e", "setTimeout(() => {}, 1500)"]) }', { timeout_ms: 200 });
+  assert.equal(r.error.code, 'timeout');
+  await new Promise((resolve) => {
+    const check = () => (stuck !== null ? resolve() : setTimeout(check, 20));
+    check();
+  });
+  assert.match(stuck, /did not stop/);
+});
+
 test('bad requests are answered, not fatal', async (t) => {
   const h = harness();
   t.after(() => h.agent.close());
