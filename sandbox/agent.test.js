@@ -113,11 +113,22 @@ test('a snippet that leaves timers behind does not leak into the next request', 
 test('requests beyond the concurrency wait for a Worker', async (t) => {
   const h = harness({ concurrency: 2 });
   t.after(() => h.agent.close());
-  const code = 'return function (cb) { const s = Date.now(); setTimeout(() => cb(null, [s, Date.now()]), 100) }';
-  const rs = await Promise.all([1, 2, 3].map(() => h.runCode(code)));
-  const spans = rs.map((r) => r.result).sort((a, b) => a[0] - b[0]);
-  assert.ok(spans[1][0] < spans[0][1], 'the first two overlap');
-  assert.ok(spans[2][0] >= Math.min(spans[0][1], spans[1][1]), 'the third waits for a free Worker');
+  // A barrier in a directory: a run waits until two runs have arrived, which
+  // only happens when two run at once. The third finds the barrier passed.
+  const dir = fs.mkdtempSync(path.join(require('node:os').tmpdir(), 'isode-barrier-'));
+  t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const code = `return function (ctx, cb) {
+    const fs = require("fs");
+    fs.writeFileSync(ctx.data + "/" + Math.random(), "");
+    const until = Date.now() + 8000;
+    (function wait() {
+      const seen = fs.readdirSync(ctx.data).length;
+      if (seen >= 2 || Date.now() > until) return cb(null, seen);
+      setTimeout(wait, 5);
+    })();
+  }`;
+  const rs = await Promise.all([1, 2, 3].map(() => h.runCode(code, { input: dir, timeout_ms: 10000 })));
+  for (const r of rs) assert.ok(r.result >= 2, JSON.stringify(r));
   const st = await h.call({ op: 'ping' });
   assert.equal(st.result.workers, 2);
 });

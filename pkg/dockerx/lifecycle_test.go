@@ -109,7 +109,7 @@ func TestPausedSandboxTimesOut(t *testing.T) {
 	if protocol.CodeOf(err) != protocol.CodeTimeout {
 		t.Fatalf("run on a paused sandbox: %v, want timeout", err)
 	}
-	if limit := 500*time.Millisecond + e.cfg.RunGrace + time.Second; took > limit {
+	if limit := 500*time.Millisecond + e.cfg.RunGrace + 3*time.Second; took > limit {
 		t.Fatalf("the run took %v, over %v", took, limit)
 	}
 	waitDone(t, s, 5*time.Second, protocol.CodeSandboxCrashed)
