@@ -371,7 +371,9 @@ func (s *Sandbox) read(r *bufio.Reader) {
 		s.end(protocol.Errorf(protocol.CodeSandboxCrashed, "%v", err), true)
 		return
 	}
-	s.end(s.deathReason(err), true)
+	if reason := s.deathReason(err); reason != nil {
+		s.end(reason, true)
+	}
 }
 
 // Docker's stream ids in the multiplexed attach stream.
@@ -458,24 +460,30 @@ const (
 )
 
 // deathReason says why the attach stream ended with err, from the
-// container's die and oom events, or by inspecting it when none came.
+// container's die and oom events, or by inspecting it when none came. It
+// returns nil when the sandbox was closed meanwhile.
 func (s *Sandbox) deathReason(streamErr error) *protocol.Error {
 	t := time.NewTimer(dieEventWait)
 	defer t.Stop()
 	select {
 	case <-s.died:
 	case <-t.C:
+	case <-s.done: // closed meanwhile: the reason no longer matters
+		return nil
 	}
 	s.mu.Lock()
 	exit, oom, stderr := s.exit, s.oom, s.stderr.String()
 	s.mu.Unlock()
 	if exit != nil && exit.code == 137 && !oom {
 		// The kernel's OOM kill is reported apart from the exit: give it a moment.
+		t := time.NewTimer(oomEventWait)
 		select {
 		case <-s.oomc:
 			oom = true
-		case <-time.After(oomEventWait):
+		case <-t.C:
+		case <-s.done:
 		}
+		t.Stop()
 	}
 	if exit == nil {
 		ctx, cancel := context.WithTimeout(s.rt.ctx, s.rt.cfg.CallTimeout)
