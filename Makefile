@@ -18,6 +18,10 @@ build:
 sandbox-image:
 	./sandbox/build-image.sh "$(ISODE_IMAGE)"
 
+# Builds what is needed and runs the real system end to end.
+demo: build sandbox-image
+	BIN=$(BIN) ./scripts/demo.sh
+
 vet:
 	$(GO) vet ./...
 

@@ -1,0 +1,274 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"os"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/isode-run/isode/pkg/dockerx"
+	"github.com/isode-run/isode/pkg/fleet"
+	"github.com/isode-run/isode/pkg/pool"
+	"github.com/isode-run/isode/pkg/protocol"
+)
+
+// errInvalidConfig wraps every configuration error.
+var errInvalidConfig = errors.New("invalid configuration")
+
+// config is the worker's whole configuration.
+type config struct {
+	NATSURL   string // "" starts an embedded server
+	Listen    string // embedded server's client address
+	DataDir   string // embedded server's JetStream store
+	WorkerID  string
+	Prefix    string
+	Shards    int
+	LogLevel  string
+	LogFormat string
+	Grace     time.Duration
+	Heartbeat time.Duration // fleet membership heartbeat
+	MemberTTL time.Duration // fleet membership expiry
+
+	Pool   pool.Config
+	Docker dockerx.Config
+	Fleet  fleet.Config
+
+	// Sizes as given, parsed in parse.
+	memory, tmpfs string
+	cpus          float64
+}
+
+func defaultConfig() config {
+	host, _ := os.Hostname()
+	return config{
+		Listen:    "127.0.0.1:4222",
+		DataDir:   ".isode/nats",
+		WorkerID:  defaultWorkerID(host),
+		Prefix:    protocol.DefaultPrefix,
+		Shards:    protocol.DefaultShards,
+		LogLevel:  "info",
+		LogFormat: "auto",
+		Grace:     20 * time.Second,
+		Heartbeat: time.Second,
+		MemberTTL: 3 * time.Second,
+		Pool:      pool.DefaultConfig(),
+		Docker:    dockerx.DefaultConfig(),
+		Fleet:     fleet.DefaultConfig(),
+		memory:    "128MiB",
+		tmpfs:     "16MiB",
+		cpus:      1,
+	}
+}
+
+var idUnsafe = regexp.MustCompile(`[^A-Za-z0-9_.-]+`)
+
+// defaultWorkerID is the host name plus a short random suffix, so that a
+// restarted worker is a new member and never adopts a dead one's containers.
+func defaultWorkerID(host string) string {
+	host = idUnsafe.ReplaceAllString(host, "-")
+	if host == "" {
+		host = "worker"
+	}
+	if len(host) > 40 {
+		host = host[:40]
+	}
+	return fmt.Sprintf("%s-%04x", host, rand.Uint32()&0xffff)
+}
+
+// flagSet declares every setting with its environment variable; a flag on
+// the command line wins over the environment, which wins over the default.
+type flagSet struct {
+	*flag.FlagSet
+	envErr error
+}
+
+func (f *flagSet) env(name, envVar, usage string, set func(string) error, def string) {
+	f.Func(name, fmt.Sprintf("%s (env %s, default %s)", usage, envVar, def), set)
+	if v, ok := os.LookupEnv(envVar); ok && f.envErr == nil {
+		if err := set(v); err != nil {
+			f.envErr = fmt.Errorf("%w: %s=%q: %v", errInvalidConfig, envVar, v, err)
+		}
+	}
+}
+
+func (f *flagSet) str(p *string, name, envVar, usage string) {
+	def := *p
+	if def == "" {
+		def = `""`
+	}
+	f.env(name, envVar, usage, func(s string) error { *p = s; return nil }, def)
+}
+
+func (f *flagSet) int(p *int, name, envVar, usage string) {
+	f.env(name, envVar, usage, func(s string) error {
+		n, err := strconv.Atoi(s)
+		if err != nil {
+			return errors.New("not a whole number")
+		}
+		*p = n
+		return nil
+	}, strconv.Itoa(*p))
+}
+
+func (f *flagSet) int64(p *int64, name, envVar, usage string) {
+	f.env(name, envVar, usage, func(s string) error {
+		n, err := strconv.ParseInt(s, 10, 64)
+		if err != nil {
+			return errors.New("not a whole number")
+		}
+		*p = n
+		return nil
+	}, strconv.FormatInt(*p, 10))
+}
+
+func (f *flagSet) dur(p *time.Duration, name, envVar, usage string) {
+	f.env(name, envVar, usage, func(s string) error {
+		d, err := time.ParseDuration(s)
+		if err != nil {
+			return errors.New("not a duration (e.g. 500ms, 2m)")
+		}
+		*p = d
+		return nil
+	}, p.String())
+}
+
+func (f *flagSet) float(p *float64, name, envVar, usage string) {
+	f.env(name, envVar, usage, func(s string) error {
+		v, err := strconv.ParseFloat(s, 64)
+		if err != nil {
+			return errors.New("not a number")
+		}
+		*p = v
+		return nil
+	}, strconv.FormatFloat(*p, 'g', -1, 64))
+}
+
+// parseConfig reads the environment and args into a validated config.
+func parseConfig(args []string, stderr io.Writer) (config, error) {
+	c := defaultConfig()
+	fs := &flagSet{FlagSet: flag.NewFlagSet("worker", flag.ContinueOnError)}
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, "Usage: worker [flags]\n\nRuns isode sandboxes for requests taken from NATS. Every flag can also be set\nby the environment variable named with it; a flag wins over the variable.\n\n")
+		fs.PrintDefaults()
+	}
+
+	fs.str(&c.NATSURL, "nats", "ISODE_NATS_URL", "NATS server URL(s), comma-separated; empty starts an embedded JetStream server")
+	fs.str(&c.Listen, "listen", "ISODE_LISTEN", "client address of the embedded NATS server")
+	fs.str(&c.DataDir, "data-dir", "ISODE_DATA_DIR", "JetStream store directory of the embedded NATS server")
+	fs.str(&c.WorkerID, "id", "ISODE_WORKER_ID", "worker id (default: host name plus a random suffix)")
+	fs.str(&c.Prefix, "prefix", "ISODE_PREFIX", "subject prefix of the fleet")
+	fs.int(&c.Shards, "shards", "ISODE_SHARDS", "shard count of the deployment (all workers and clients must agree)")
+	fs.str(&c.LogLevel, "log-level", "ISODE_LOG_LEVEL", "log level: debug, info, warn, error")
+	fs.str(&c.LogFormat, "log-format", "ISODE_LOG_FORMAT", "log format: json, console, or auto (console on a terminal)")
+	fs.dur(&c.Grace, "grace", "ISODE_SHUTDOWN_GRACE", "on SIGTERM, how long runs in flight may take to finish")
+	fs.dur(&c.Heartbeat, "heartbeat", "ISODE_HEARTBEAT", "fleet membership heartbeat")
+	fs.dur(&c.MemberTTL, "member-ttl", "ISODE_MEMBER_TTL", "a worker silent this long is considered gone and its shards move")
+
+	fs.int(&c.Pool.Low, "low", "ISODE_LOW", "low watermark L: free sandboxes kept ready for new tenants")
+	fs.int(&c.Pool.High, "high", "ISODE_HIGH", "high watermark H: maximum sandboxes")
+	fs.dur(&c.Pool.IdleTimeout, "idle", "ISODE_IDLE_TIMEOUT", "recycle a tenant's sandbox idle this long (0: never)")
+	fs.int(&c.Pool.PerSandbox, "concurrency", "ISODE_CONCURRENCY", "snippets one sandbox (tenant) runs at once")
+	fs.int(&c.Pool.QueueSize, "queue", "ISODE_QUEUE", "requests waiting for a sandbox, over all tenants")
+	fs.int(&c.Pool.TenantQueueSize, "tenant-queue", "ISODE_TENANT_QUEUE", "requests waiting for a sandbox, per tenant")
+	fs.int(&c.Pool.MaxRequests, "max-requests", "ISODE_MAX_REQUESTS", "recycle a sandbox after this many runs (0: unlimited)")
+	fs.dur(&c.Pool.MaxAge, "max-age", "ISODE_MAX_AGE", "recycle a sandbox this old (0: unlimited)")
+	fs.int(&c.Pool.CreateConcurrency, "create-concurrency", "ISODE_CREATE_CONCURRENCY", "sandboxes created at once")
+
+	fs.str(&c.Docker.Image, "image", "ISODE_IMAGE", "sandbox image (build it with `make sandbox-image`)")
+	fs.str(&c.memory, "memory", "ISODE_MEMORY", "memory limit of each sandbox (no swap), e.g. 128MiB")
+	fs.float(&c.cpus, "cpus", "ISODE_CPUS", "CPU limit of each sandbox, in CPUs")
+	fs.int64(&c.Docker.PidsLimit, "pids", "ISODE_PIDS", "process/thread limit of each sandbox")
+	fs.str(&c.tmpfs, "tmpfs", "ISODE_TMPFS", "size of each sandbox's /tmp (counts against memory)")
+	fs.int(&c.Docker.WorkerHeapMB, "heap-mb", "ISODE_HEAP_MB", "V8 heap limit of each snippet thread, in MiB")
+	fs.str(&c.Docker.Runtime, "runtime", "ISODE_RUNTIME", "OCI runtime for sandboxes, e.g. runsc (empty: the engine's default)")
+
+	fs.dur(&c.Fleet.MaxTimeout, "max-timeout", "ISODE_MAX_TIMEOUT", "cap on a request's run timeout")
+	fs.dur(&c.Fleet.AckWait, "ack-wait", "ISODE_ACK_WAIT", "redelivery delay of a request whose worker went silent")
+	fs.int64(&c.Fleet.StreamMaxMsgs, "stream-max-msgs", "ISODE_STREAM_MAX_MSGS", "requests the stream holds before it rejects new ones as overloaded")
+	fs.int(&c.Fleet.StreamReplicas, "stream-replicas", "ISODE_STREAM_REPLICAS", "replicas of the request stream (clustered NATS)")
+
+	if fs.envErr != nil {
+		return c, fs.envErr
+	}
+	if err := fs.Parse(args); err != nil {
+		return c, err
+	}
+	if fs.NArg() > 0 {
+		return c, fmt.Errorf("%w: unexpected argument %q", errInvalidConfig, fs.Arg(0))
+	}
+	return c, c.finish()
+}
+
+// finish derives the dependent settings and validates everything, naming
+// the setting at fault.
+func (c *config) finish() error {
+	var err error
+	if c.Docker.Memory, err = parseBytes(c.memory); err != nil {
+		return fmt.Errorf("%w: --memory %q: %v", errInvalidConfig, c.memory, err)
+	}
+	if c.Docker.TmpfsSize, err = parseBytes(c.tmpfs); err != nil {
+		return fmt.Errorf("%w: --tmpfs %q: %v", errInvalidConfig, c.tmpfs, err)
+	}
+	if c.cpus <= 0 || c.cpus > 64 {
+		return fmt.Errorf("%w: --cpus %g is not in (0, 64]", errInvalidConfig, c.cpus)
+	}
+	c.Docker.NanoCPUs = int64(c.cpus * 1e9)
+	c.Docker.WorkerID = c.WorkerID
+	c.Docker.Concurrency = c.Pool.PerSandbox
+	if c.Pool.PerSandbox <= 0 {
+		c.Docker.Concurrency = pool.DefaultPerSandbox
+	}
+	switch c.LogFormat {
+	case "json", "console", "auto":
+	default:
+		return fmt.Errorf("%w: --log-format %q: want json, console or auto", errInvalidConfig, c.LogFormat)
+	}
+	if c.Heartbeat <= 0 || c.MemberTTL < 2*c.Heartbeat {
+		return fmt.Errorf("%w: --member-ttl %v must be at least twice --heartbeat %v", errInvalidConfig, c.MemberTTL, c.Heartbeat)
+	}
+	if c.Grace < 0 {
+		return fmt.Errorf("%w: --grace %v is negative", errInvalidConfig, c.Grace)
+	}
+	c.Pool.CloseGrace = c.Grace
+	c.Fleet.WorkerID = c.WorkerID
+	c.Fleet.Prefix = c.Prefix
+	c.Fleet.Shards = c.Shards
+	if err := c.Pool.Validate(); err != nil {
+		return fmt.Errorf("%w: %w", errInvalidConfig, err)
+	}
+	if err := c.Docker.Validate(); err != nil {
+		return fmt.Errorf("%w: %w", errInvalidConfig, err)
+	}
+	return nil
+}
+
+// parseBytes reads sizes such as 512, 64k, 128MiB, 1G.
+func parseBytes(s string) (int64, error) {
+	t := strings.TrimSpace(strings.ToLower(s))
+	mult := int64(1)
+	for _, u := range []struct {
+		suffix string
+		mult   int64
+	}{
+		{"gib", 1 << 30}, {"mib", 1 << 20}, {"kib", 1 << 10},
+		{"gb", 1 << 30}, {"mb", 1 << 20}, {"kb", 1 << 10},
+		{"g", 1 << 30}, {"m", 1 << 20}, {"k", 1 << 10}, {"b", 1},
+	} {
+		if rest, ok := strings.CutSuffix(t, u.suffix); ok {
+			t, mult = strings.TrimSpace(rest), u.mult
+			break
+		}
+	}
+	n, err := strconv.ParseInt(t, 10, 64)
+	if err != nil || n <= 0 {
+		return 0, errors.New("want a positive size such as 128MiB")
+	}
+	return n * mult, nil
+}

@@ -1,0 +1,172 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/rs/zerolog"
+
+	"github.com/isode-run/isode/pkg/dockerx"
+	"github.com/isode-run/isode/pkg/fleet"
+	"github.com/isode-run/isode/pkg/pool"
+	"github.com/isode-run/isode/pkg/protocol"
+)
+
+// run is the whole worker: it returns when ctx ends (after a graceful
+// drain) or on a fatal error. abort ends a drain early.
+func run(ctx, abort context.Context, args []string, stdout, stderr io.Writer) error {
+	cfg, err := parseConfig(args, stderr)
+	if err != nil {
+		return err
+	}
+	log, err := newLogger(stderr, cfg.LogLevel, cfg.LogFormat)
+	if err != nil {
+		return fmt.Errorf("%w: --log-level %q: %v", errInvalidConfig, cfg.LogLevel, err)
+	}
+	log = log.With().Str("worker", cfg.WorkerID).Logger()
+	cfg.Pool.Logger = log.With().Str("component", "pool").Logger()
+	cfg.Fleet.Logger = log.With().Str("component", "fleet").Logger()
+	cfg.Docker.Logger = slog.New(zerolog.NewSlogHandler(log.With().Str("component", "docker").Logger()))
+
+	// NATS: the embedded server, or the one named.
+	var embedded *server.Server
+	ncClosed := make(chan struct{})
+	natsOpts := []nats.Option{
+		nats.ClosedHandler(func(*nats.Conn) { close(ncClosed) }),
+		nats.Name("isode-worker " + cfg.WorkerID),
+		nats.MaxReconnects(-1),
+		nats.ReconnectWait(250 * time.Millisecond),
+		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+			log.Warn().Err(err).Msg("disconnected from NATS")
+		}),
+		nats.ReconnectHandler(func(nc *nats.Conn) {
+			log.Info().Str("url", nc.ConnectedUrlRedacted()).Msg("reconnected to NATS")
+		}),
+	}
+	url := cfg.NATSURL
+	if url == "" {
+		embedded, err = startEmbedded(cfg.Listen, cfg.DataDir, log)
+		if err != nil {
+			return err
+		}
+		defer embedded.Shutdown()
+		url = embedded.ClientURL()
+		natsOpts = append(natsOpts, nats.InProcessServer(embedded))
+		log.Info().Str("url", url).Str("data", cfg.DataDir).Msg("embedded NATS server started")
+	}
+	nc, err := nats.Connect(url, natsOpts...)
+	if err != nil {
+		return fmt.Errorf("connect to NATS at %s: %w", url, err)
+	}
+	defer nc.Close()
+
+	// Docker and the pool.
+	rt, err := dockerx.New(ctx, cfg.Docker)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		cctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := rt.Close(cctx); err != nil {
+			log.Warn().Err(err).Msg("close docker runtime")
+		}
+	}()
+	if n, err := rt.Reap(ctx, time.Minute); err != nil {
+		log.Warn().Err(err).Msg("reap leftover sandboxes")
+	} else if n > 0 {
+		log.Info().Int("removed", n).Msg("reaped leftover sandboxes")
+	}
+	p, err := pool.New(pool.RuntimeFunc(func(ctx context.Context, tenant string) (pool.Sandbox, error) {
+		sb, err := rt.Create(ctx, tenant)
+		if err != nil {
+			return nil, err
+		}
+		return sb, nil
+	}), cfg.Pool)
+	if err != nil {
+		return fmt.Errorf("%w: %w", errInvalidConfig, err)
+	}
+	poolClosed := false
+	defer func() {
+		if !poolClosed {
+			cctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			p.Close(cctx)
+		}
+	}()
+
+	// The NATS side.
+	cfg.Fleet.Capacity = p.Capacity()
+	if err := cfg.Fleet.Validate(); err != nil {
+		return fmt.Errorf("%w: %w", errInvalidConfig, err)
+	}
+	w, err := fleet.New(nc, p, func() protocol.PoolStats { return poolStats(p.Stats()) }, cfg.Fleet)
+	if err != nil {
+		return err
+	}
+	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	err = w.Start(sctx)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("start consuming: %w", err)
+	}
+	log.Info().
+		Int("shards", len(w.Owned())).Int("low", cfg.Pool.Low).Int("high", cfg.Pool.High).
+		Int("capacity", cfg.Fleet.Capacity).Str("image", cfg.Docker.Image).
+		Msg("worker ready")
+
+	<-ctx.Done()
+
+	// Drain: stop pulling; requests waiting in the pool are handed back to
+	// the stream for another worker; runs in flight get the grace period.
+	log.Info().Dur("grace", cfg.Grace).Msg("shutting down: no new requests; finishing runs in flight")
+	w.StopPulling()
+	dctx, cancel := context.WithTimeout(context.Background(), cfg.Grace+5*time.Second)
+	defer cancel()
+	go func() {
+		select {
+		case <-abort.Done():
+			log.Warn().Msg("second signal: aborting runs in flight; they will be redelivered")
+			w.Abort()
+			cancel()
+		case <-dctx.Done():
+		}
+	}()
+	closeErr := make(chan error, 1)
+	go func() { closeErr <- p.Close(dctx) }()
+	if err := w.Wait(dctx); err != nil {
+		w.Abort()
+		log.Warn().Err(err).Msg("runs still in flight after the grace period; left for redelivery")
+	}
+	if err := <-closeErr; err != nil {
+		log.Warn().Err(err).Msg("close pool")
+	}
+	poolClosed = true
+	if err := nc.Drain(); err != nil && !errors.Is(err, nats.ErrConnectionClosed) {
+		log.Warn().Err(err).Msg("drain NATS connection")
+	}
+	select {
+	case <-ncClosed:
+	case <-time.After(5 * time.Second):
+		log.Warn().Msg("NATS connection did not drain within 5s")
+	}
+	log.Info().Msg("stopped")
+	return nil
+}
+
+func poolStats(s pool.Stats) protocol.PoolStats {
+	return protocol.PoolStats{
+		Free: s.Free, Assigned: s.Assigned, Busy: s.Busy, Creating: s.Creating,
+		Queued: s.Queued, Low: s.Low, High: s.High,
+		Hits: s.Hits, PoolHits: s.PoolHits, ColdStarts: s.ColdStarts,
+		Evictions: s.Evictions, Recycles: s.Recycles, Deaths: s.Deaths,
+		Failures: s.CreateFailures, Rejected: s.Rejections, QueueTimeouts: s.QueueTimeouts,
+	}
+}
