@@ -3,7 +3,6 @@ package pool
 import (
 	"context"
 	"errors"
-	"fmt"
 	"slices"
 	"testing"
 	"time"
@@ -174,8 +173,10 @@ func TestQueueDeadlines(t *testing.T) {
 		timeout bool // counted as a queue timeout
 	}{
 		{
-			name:    "context deadline",
-			ctx:     func() (context.Context, context.CancelFunc) { return context.WithTimeout(context.Background(), 20*time.Millisecond) },
+			name: "context deadline",
+			ctx: func() (context.Context, context.CancelFunc) {
+				return context.WithTimeout(context.Background(), 20*time.Millisecond)
+			},
 			expire:  func(*fakeClock, context.CancelFunc) {},
 			wantErr: ErrQueueTimeout,
 			timeout: true,
@@ -296,5 +297,3 @@ func TestQueueClosedWaiters(t *testing.T) {
 		t.Fatal(err)
 	}
 }
-
-var _ = fmt.Sprint
