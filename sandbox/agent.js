@@ -9,7 +9,7 @@
 // UTF-8 JSON object.
 //   host -> agent: {"id":N,"op":"ping"}
 //                  {"id":N,"op":"run","code":"...","input":<json>,"timeout_ms":N,
-//                   "max_result_bytes":N,"max_console_bytes":N}
+//                   "limit_ms":N,"max_result_bytes":N,"max_console_bytes":N}
 //   agent -> host: {"id":N,"result":<json>,"console":"...","console_truncated":false}
 //                  {"id":N,"error":{"code":"...","message":"..."},"console":"...",...}
 // A ping is answered once a Worker is ready: {"id":N,"result":{"ready":true,...}}.
@@ -177,6 +177,9 @@ class Agent {
       code: m.code,
       input: m.input,
       timeoutMs,
+      // The limit the caller knows, for messages (timeout_ms is that less
+      // the host's margin for the reply's trip).
+      limitMs: Number.isSafeInteger(m.limit_ms) && m.limit_ms > 0 ? m.limit_ms : timeoutMs,
       maxResult: Number.isSafeInteger(m.max_result_bytes) && m.max_result_bytes > 0 ? m.max_result_bytes : this.o.maxResultBytes,
       maxConsole: Number.isSafeInteger(m.max_console_bytes) && m.max_console_bytes >= 0 ? m.max_console_bytes : this.o.maxConsoleBytes,
       slot: null,
@@ -343,7 +346,7 @@ class Agent {
   expire(req) {
     if (!this.pending.has(req.id)) return;
     this.stats.timeouts++;
-    const msg = `the snippet did not finish within ${req.timeoutMs} ms (it never called back, or it loops)`;
+    const msg = `the snippet did not finish within ${req.limitMs} ms (it never called back, or it loops)`;
     if (req.slot !== null) {
       const slot = req.slot;
       slot.req = null;

@@ -142,6 +142,7 @@ func (s *Sandbox) Run(ctx context.Context, req *protocol.Request) (*protocol.Res
 		Code:            req.Code,
 		Input:           req.Input,
 		TimeoutMs:       int64((agentBudget + time.Millisecond - 1) / time.Millisecond),
+		LimitMs:         budget.Milliseconds(),
 		MaxResultBytes:  s.rt.cfg.MaxResultBytes,
 		MaxConsoleBytes: s.rt.cfg.MaxConsoleBytes,
 	})

@@ -17,13 +17,16 @@ import (
 
 // agentRequest is a frame to the agent.
 type agentRequest struct {
-	ID              uint64          `json:"id"`
-	Op              string          `json:"op"`
-	Code            string          `json:"code,omitempty"`
-	Input           json.RawMessage `json:"input,omitempty"`
-	TimeoutMs       int64           `json:"timeout_ms,omitempty"`
-	MaxResultBytes  int             `json:"max_result_bytes,omitempty"`
-	MaxConsoleBytes int             `json:"max_console_bytes,omitempty"`
+	ID        uint64          `json:"id"`
+	Op        string          `json:"op"`
+	Code      string          `json:"code,omitempty"`
+	Input     json.RawMessage `json:"input,omitempty"`
+	TimeoutMs int64           `json:"timeout_ms,omitempty"`
+	// LimitMs is the limit the caller sees (TimeoutMs is that less the
+	// margin for the reply's trip): the agent names it in timeout errors.
+	LimitMs         int64 `json:"limit_ms,omitempty"`
+	MaxResultBytes  int   `json:"max_result_bytes,omitempty"`
+	MaxConsoleBytes int   `json:"max_console_bytes,omitempty"`
 }
 
 // agentReply is a frame from the agent.

@@ -36,8 +36,11 @@ type Config struct {
 	FetchWait time.Duration
 	// MaxBatch bounds the messages one pull request asks for.
 	MaxBatch int
-	// MaxDeliver bounds deliveries of one request (a request that took
-	// down that many workers is dropped).
+	// MaxDeliver bounds deliveries of one request; -1 (the default) is
+	// unlimited. Every hand-back (a worker shutting down, a tenant's queue
+	// full) is a delivery, so a bound would drop requests under load; the
+	// request's own deadline bounds its life instead: past it, a worker
+	// answers queue_timeout and never runs it.
 	MaxDeliver int
 	// StreamMaxMsgs and StreamMaxBytes bound the request stream; a full
 	// stream rejects new requests at once (the client sees "overloaded").
@@ -75,7 +78,7 @@ func DefaultConfig() Config {
 		AckWait:         5 * time.Second,
 		FetchWait:       2 * time.Second,
 		MaxBatch:        16,
-		MaxDeliver:      10,
+		MaxDeliver:      -1,
 		StreamMaxMsgs:   100_000,
 		StreamMaxBytes:  1 << 30,
 		StreamReplicas:  1,
@@ -110,8 +113,8 @@ func (c *Config) Validate() error {
 		return bad("fetch wait", "%v must be at least 100ms", c.FetchWait)
 	case c.MaxBatch < 1:
 		return bad("max batch", "%d must be at least 1", c.MaxBatch)
-	case c.MaxDeliver < 1:
-		return bad("max deliver", "%d must be at least 1", c.MaxDeliver)
+	case c.MaxDeliver < 1 && c.MaxDeliver != -1:
+		return bad("max deliver", "%d must be at least 1, or -1 for unlimited", c.MaxDeliver)
 	case c.StreamMaxMsgs < 1:
 		return bad("stream max msgs", "%d must be at least 1", c.StreamMaxMsgs)
 	case c.StreamMaxBytes < protocol.MaxRequestBytes:
