@@ -73,7 +73,9 @@ func (p *Pool) create(c *creation) {
 		p.mu.Unlock()
 
 		ctx, cancel := context.WithTimeout(p.createCtx, p.cfg.CreateTimeout)
+		start := p.clock.Now()
 		sb, err := p.rt.Create(ctx, key)
+		took := p.clock.Now().Sub(start)
 		cancel()
 		if err == nil && sb == nil {
 			err = errors.New("the runtime returned neither a sandbox nor an error")
@@ -89,6 +91,11 @@ func (p *Pool) create(c *creation) {
 					p.log.Warn().Err(err).Msg("remove sandbox created after close")
 				}
 				return
+			}
+			if p.stats.Created == 0 {
+				p.avgCreate = took
+			} else {
+				p.avgCreate += (took - p.avgCreate) / 5
 			}
 			p.created(c, sb, key)
 			p.mu.Unlock()

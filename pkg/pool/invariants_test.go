@@ -44,7 +44,7 @@ func (p *Pool) check() error {
 			if e.inflight > p.cfg.PerSandbox {
 				return fmt.Errorf("tenant %q has %d runs in one sandbox, cap %d", key, e.inflight, p.cfg.PerSandbox)
 			}
-			if t.waiters.Len() > 0 && e.inflight < p.cfg.PerSandbox && p.barrier == 0 {
+			if t.waiters.Len() > 0 && e.inflight < p.cfg.PerSandbox {
 				return fmt.Errorf("tenant %q has waiters and a free slot", key)
 			}
 		}
@@ -63,13 +63,17 @@ func (p *Pool) check() error {
 	if creations != p.creating {
 		return fmt.Errorf("creating %d, creations found %d", p.creating, creations)
 	}
-	var last uint64
-	for el := p.needy.Front(); el != nil; el = el.Next() {
-		seq := el.Value.(*tenant).waiters.Front().Value.(*waiter).seq
-		if seq < last {
-			return fmt.Errorf("ring out of order")
+	preempting := 0
+	for e := range p.entries {
+		if e.evicting {
+			preempting++
+			if !e.draining || e.inflight == 0 {
+				return fmt.Errorf("preempted sandbox %s: draining %v, in flight %d", e.sb.ID(), e.draining, e.inflight)
+			}
 		}
-		last = seq
+	}
+	if preempting != p.preempting {
+		return fmt.Errorf("preempting %d, preempted sandboxes %d", p.preempting, preempting)
 	}
 	if len(p.free) > 0 && p.needy.Len() > 0 {
 		return fmt.Errorf("%d free sandboxes while %d tenants wait for one", len(p.free), p.needy.Len())

@@ -81,8 +81,18 @@ func (p *Pool) sweep(now time.Time) time.Time {
 			}
 			p.stats.MaxAgeRecycles++
 			p.log.Debug().Str("sandbox", e.sb.ID()).Msg("recycle old sandbox")
-			p.drain(e)
+			p.drain(e, false)
 			changed = true
+		}
+	}
+	if p.needy.Len() > 0 {
+		// A tenant waits for a busy sandbox to serve its quantum.
+		if v := p.longestServed(); v != nil {
+			if at := v.assigned.Add(p.quantum()); now.Before(at) {
+				soon(at)
+			} else {
+				changed = true
+			}
 		}
 	}
 	if !p.refillAt.IsZero() {

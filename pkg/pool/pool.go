@@ -25,16 +25,23 @@
 // # Queue and fairness
 //
 // Waiting requests sit in per-tenant FIFO lists, bounded in total by
-// QueueSize and per tenant by TenantQueueSize. A tenant that waits for a
-// slot in its own sandbox, or for its own sandbox being created, needs
-// nothing shared and is served from its sandbox as soon as a slot frees; it
-// never holds up another tenant. Tenants that need a sandbox and cannot
-// have one yet wait in one FIFO ring, each tenant once whatever its number
-// of waiting requests; whenever capacity changes (a free sandbox is ready, a
-// sandbox becomes idle or is removed) the ring is served from its head. A
-// tenant whose sandbox is recycled while it still has waiting requests joins
-// the back of the ring. A flooding tenant thus costs others at most one
-// sandbox and TenantQueueSize places in the queue.
+// QueueSize and per tenant by TenantQueueSize, so that a flooding tenant
+// cannot fill the queue. A tenant that waits for a slot in its own sandbox,
+// or for its own sandbox being created, needs nothing shared: it is served
+// from its sandbox as soon as a slot frees and never holds up another
+// tenant. Tenants that need a sandbox and cannot have one yet wait in a
+// ring, each tenant once whatever its number of waiting requests, served
+// round-robin in the order they joined it whenever capacity changes.
+//
+// When every sandbox is busy, none is free and High is reached, the tenant
+// at the head of the ring takes a busy sandbox: the one that has served its
+// tenant longest, once it has served it for a quantum (four times the
+// average creation time, so that swapping sandboxes costs at most a fifth
+// of a slot's time). That sandbox takes no new run, is removed when its
+// runs end and is replaced by one for the waiting tenant; its own tenant
+// joins the back of the ring. Other tenants' sandboxes go on serving. So
+// no tenant starves, even when more tenants are busy than there are
+// sandboxes, and the cost of that falls on one sandbox at a time.
 //
 // # Goroutines
 //
@@ -81,19 +88,17 @@ type Pool struct {
 	entries map[*entry]struct{} // live sandboxes: free, assigned, draining
 	free    []*entry            // ready and unassigned, oldest first
 	lru     list.List           // of *entry: tenants' current sandboxes, least recently released first
-	needy   list.List           // of *tenant: tenants waiting for a sandbox, FIFO ring
+	needy   list.List           // of *tenant: tenants waiting for a sandbox, round-robin
 
 	creating  int         // creations under way; each holds a slot toward High
 	closing   int         // retired sandboxes whose Close has not returned
 	unclaimed []*creation // creations of free sandboxes no tenant has claimed
 	queued    int         // requests waiting
 	inflight  int         // runs in flight
-	seq       uint64      // arrival number of the last waiting request
-	// barrier holds back waiting requests that arrived after the oldest
-	// request of a tenant that needs a sandbox and cannot have one (0:
-	// none): tenants' sandboxes then empty, and the first idle one is
-	// evicted for it. It keeps the queue FIFO across tenants.
-	barrier uint64
+	// preempting counts busy sandboxes taken for a waiting tenant and not
+	// yet retired: each will free a slot when its runs end.
+	preempting int
+	avgCreate  time.Duration // moving average of successful Create calls
 
 	createRunning int         // Runtime.Create calls under way
 	createWaiting []*creation // creations waiting for a Create slot
@@ -113,9 +118,11 @@ type entry struct {
 	tenant   *tenant // nil while free
 	created  time.Time
 	lastUsed time.Time
+	assigned time.Time // when its tenant got it
 	inflight int
 	runs     int
 	draining bool          // takes no new run; removed when its runs finish
+	evicting bool          // draining for another tenant (preempted)
 	retired  bool          // removed from the pool; Close under way or done
 	gone     chan struct{} // closed on retirement; stops the watcher
 	lruElem  *list.Element
@@ -142,7 +149,6 @@ const (
 
 type waiter struct {
 	t     *tenant
-	seq   uint64 // arrival order
 	elem  *list.Element
 	ready chan struct{} // closed once e or err is set
 	e     *entry
@@ -223,7 +229,7 @@ func (p *Pool) acquire(ctx context.Context, key string) (*entry, error) {
 		p.dispatch()
 		t = p.tenants[key] // may be forgotten now
 	}
-	if t != nil && t.box != nil && t.box.inflight < p.cfg.PerSandbox && t.waiters.Len() == 0 && p.barrier == 0 {
+	if t != nil && t.box != nil && t.box.inflight < p.cfg.PerSandbox && t.waiters.Len() == 0 {
 		e := t.box
 		p.take(e, grantHit)
 		p.mu.Unlock()
@@ -256,8 +262,7 @@ func (p *Pool) acquire(ctx context.Context, key string) (*entry, error) {
 		p.mu.Unlock()
 		return nil, ErrQueueFull
 	}
-	p.seq++
-	w := &waiter{t: t, seq: p.seq, ready: make(chan struct{})}
+	w := &waiter{t: t, ready: make(chan struct{})}
 	w.elem = t.waiters.PushBack(w)
 	p.queued++
 	// Armed before the request is visible as queued, so that a test
@@ -343,6 +348,9 @@ func (p *Pool) release(e *entry) {
 	p.lru.MoveToBack(e.lruElem)
 	if t.waiters.Len() > 0 {
 		p.serve(t, grantHit)
+		if t.needyElem != nil {
+			p.dispatch() // serving spent its sandbox (MaxRequests)
+		}
 	}
 	if e.inflight > 0 || e.draining {
 		return
@@ -372,17 +380,13 @@ func (p *Pool) take(e *entry, kind grantKind) {
 	}
 	if p.cfg.MaxRequests > 0 && e.runs >= p.cfg.MaxRequests {
 		p.stats.MaxRequestRecycles++
-		p.drain(e)
+		p.drain(e, false)
 	}
 }
 
-// serve grants t's waiting requests slots in its sandbox, in order, up to
-// the barrier.
+// serve grants t's waiting requests slots in its sandbox, in order.
 func (p *Pool) serve(t *tenant, kind grantKind) {
 	for t.waiters.Len() > 0 && t.box != nil && t.box.inflight < p.cfg.PerSandbox {
-		if p.barrier != 0 && t.waiters.Front().Value.(*waiter).seq > p.barrier {
-			return
-		}
 		w := t.waiters.Remove(t.waiters.Front()).(*waiter)
 		w.elem = nil
 		p.queued--
@@ -395,34 +399,21 @@ func (p *Pool) serve(t *tenant, kind grantKind) {
 // dequeue removes a waiter that gave up.
 func (p *Pool) dequeue(w *waiter) {
 	t := w.t
-	head := t.waiters.Front() == w.elem
 	t.waiters.Remove(w.elem)
 	w.elem = nil
 	p.queued--
-	if head && t.needyElem != nil {
-		// Its place in the ring was its oldest request's.
+	if t.waiters.Len() == 0 && t.needyElem != nil {
 		p.needy.Remove(t.needyElem)
 		t.needyElem = nil
-		p.markNeedy(t)
-		p.dispatch()
 	}
 }
 
-// markNeedy puts t in the ring of tenants that need a sandbox if it has
-// waiting requests and neither a sandbox nor one being created. The ring is
-// ordered by each tenant's oldest waiting request.
+// markNeedy puts t at the back of the ring if it has waiting requests and
+// neither a sandbox nor one being created.
 func (p *Pool) markNeedy(t *tenant) {
-	if t.needyElem != nil || t.box != nil || t.creation != nil || t.waiters.Len() == 0 {
-		return
+	if t.needyElem == nil && t.box == nil && t.creation == nil && t.waiters.Len() > 0 {
+		t.needyElem = p.needy.PushBack(t)
 	}
-	seq := t.waiters.Front().Value.(*waiter).seq
-	for el := p.needy.Back(); el != nil; el = el.Prev() {
-		if el.Value.(*tenant).waiters.Front().Value.(*waiter).seq < seq {
-			t.needyElem = p.needy.InsertAfter(t, el)
-			return
-		}
-	}
-	t.needyElem = p.needy.PushFront(t)
 }
 
 // forget drops t's record when nothing refers to it any more.
@@ -437,56 +428,38 @@ func (p *Pool) total() int {
 	return len(p.entries) + p.creating + p.closing
 }
 
-// dispatch hands capacity to tenants waiting in the ring, in order, sets
-// the barrier, then refills free sandboxes. Call it whenever capacity may
-// have changed.
+// dispatch hands capacity to the tenants waiting in the ring, in order,
+// then refills free sandboxes. Call it whenever capacity may have changed.
 func (p *Pool) dispatch() {
 	if p.closed {
 		return
 	}
-	for {
-		old := p.barrier
-		p.barrier = p.provideAll()
-		if old == 0 || (p.barrier != 0 && p.barrier <= old) {
-			break
-		}
-		// The barrier lifted or moved on: serve the requests it held back.
-		for _, t := range p.tenants {
-			if t.box != nil && t.waiters.Len() > 0 {
-				p.serve(t, grantHit)
-			}
-		}
-	}
-	p.refill()
-}
-
-// provideAll serves the ring in order and returns the barrier: the oldest
-// request of the first tenant that can have no sandbox now, or 0.
-func (p *Pool) provideAll() uint64 {
-	p.barrier = 0
-	// Sandboxes being removed will free their slots soon: that many tenants
-	// at the head of the ring wait for them instead of evicting.
+	// Sandboxes being removed or preempted will free their slots soon: that
+	// many tenants at the head of the ring wait for them instead of taking
+	// another sandbox.
 	reserved := 0
 	for el := p.needy.Front(); el != nil; {
-		next := el.Next()
+		// t keeps its place while it is provided for: a tenant whose
+		// sandbox is preempted for it joins the ring behind it.
 		t := el.Value.(*tenant)
-		p.needy.Remove(el)
-		t.needyElem = nil
 		res := p.provide(t, &reserved)
-		if res != provided {
-			// Back in its place.
-			if next != nil {
-				t.needyElem = p.needy.InsertBefore(t, next)
-			} else {
-				t.needyElem = p.needy.PushBack(t)
+		next := el.Next()
+		switch res {
+		case provided:
+			p.needy.Remove(el)
+			t.needyElem = nil
+			// Its new sandbox may be spent already (MaxRequests): back
+			// in the ring, and in this pass.
+			p.markNeedy(t)
+			if next == nil {
+				next = t.needyElem
 			}
-		}
-		if res == noCapacity {
-			return t.waiters.Front().Value.(*waiter).seq
+		case noCapacity:
+			next = nil
 		}
 		el = next
 	}
-	return 0
+	p.refill()
 }
 
 type provision int
@@ -498,12 +471,12 @@ const (
 )
 
 // provide finds t a sandbox: a free one, a free one being created, a new
-// one, or a new one in place of an evicted one.
+// one, a new one in place of an idle one evicted, or, later, one in place
+// of a busy one preempted.
 func (p *Pool) provide(t *tenant, reserved *int) provision {
 	if e := p.popFree(); e != nil {
 		p.assign(e, t)
 		p.serve(t, grantPoolHit)
-		p.markNeedy(t) // only if its sandbox was spent already (MaxRequests)
 		return provided
 	}
 	if len(p.unclaimed) > 0 {
@@ -517,7 +490,7 @@ func (p *Pool) provide(t *tenant, reserved *int) provision {
 		p.startCreation(t, nil)
 		return provided
 	}
-	if *reserved < p.closing {
+	if *reserved < p.closing+p.preempting {
 		*reserved++
 		return waitForSlot
 	}
@@ -528,7 +501,38 @@ func (p *Pool) provide(t *tenant, reserved *int) provision {
 		p.startCreation(t, v)
 		return provided
 	}
+	if v := p.longestServed(); v != nil {
+		at := v.assigned.Add(p.quantum())
+		if p.clock.Now().Before(at) {
+			p.wakeBy(at)
+			return noCapacity
+		}
+		p.stats.Evictions++
+		p.stats.Preemptions++
+		p.log.Debug().Str("sandbox", v.sb.ID()).Str("tenant", v.tenant.key).Str("for", t.key).Msg("preempt busy sandbox")
+		p.drain(v, true)
+		*reserved++
+		return waitForSlot
+	}
 	return noCapacity
+}
+
+// longestServed returns the tenant sandbox assigned longest ago, or nil.
+func (p *Pool) longestServed() *entry {
+	var v *entry
+	for el := p.lru.Front(); el != nil; el = el.Next() {
+		if e := el.Value.(*entry); v == nil || e.assigned.Before(v.assigned) {
+			v = e
+		}
+	}
+	return v
+}
+
+// quantum is how long a tenant keeps a busy sandbox before another tenant
+// may preempt it: four times the average creation time, so that swapping
+// costs at most a fifth of the slot's time.
+func (p *Pool) quantum() time.Duration {
+	return 4 * p.avgCreate
 }
 
 // lruIdle returns the least recently used tenant sandbox with nothing in
@@ -565,17 +569,24 @@ func (p *Pool) assign(e *entry, t *tenant) {
 	}
 	e.tenant = t
 	e.lastUsed = p.clock.Now()
+	e.assigned = e.lastUsed
 	t.box = e
 	e.lruElem = p.lru.PushBack(e)
 }
 
-// drain stops giving e new runs; it is retired when its runs finish.
-func (p *Pool) drain(e *entry) {
+// drain stops giving e new runs; it is retired when its runs finish. With
+// evict it is preempted for another tenant, else recycled.
+func (p *Pool) drain(e *entry, evict bool) {
 	if e.draining || e.retired {
 		return
 	}
 	e.draining = true
-	p.stats.Recycles++
+	if evict {
+		e.evicting = true
+		p.preempting++
+	} else {
+		p.stats.Recycles++
+	}
 	p.detach(e)
 	if e.inflight == 0 {
 		p.retire(e, true)
@@ -612,6 +623,9 @@ func (p *Pool) retire(e *entry, closeIt bool) {
 	}
 	p.detach(e)
 	e.retired = true
+	if e.evicting {
+		p.preempting--
+	}
 	close(e.gone)
 	delete(p.entries, e)
 	if closeIt {

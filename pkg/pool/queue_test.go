@@ -58,23 +58,53 @@ func TestQueueFIFOPerTenant(t *testing.T) {
 	}
 }
 
-// A tenant that keeps its sandbox busy with a stream of requests does not
-// keep another tenant waiting past the requests that arrived before it:
-// shared capacity goes to the oldest request.
-func TestQueueFairAcrossTenants(t *testing.T) {
+// A tenant that keeps the only sandbox busy with a stream of requests does
+// not starve others: tenants needing a sandbox are served round-robin, each
+// taking the busy sandbox in turn once it has served its quantum (zero
+// here: creation takes no time on the fake clock). Each tenant's requests
+// stay in order.
+func TestQueueRoundRobinAcrossTenants(t *testing.T) {
 	g := newGate()
-	p, rt := gatedPool(t, g, nil)
+	p, rt := gatedPool(t, g, func(c *Config) { c.Clock = newFakeClock() })
 	first := goRun(context.Background(), p, "a", "a0")
 	waitFor(t, "a0 to run", func() bool { return len(g.Arrived()) == 1 })
 	rest := enqueue(t, p, "a1", "a2", "b0", "a3", "a4", "c0", "a5")
 	close(g.open)
 	collect(t, append(rest, first))
-	want := []string{"a0", "a1", "a2", "b0", "a3", "a4", "c0", "a5"}
+	want := []string{"a0", "b0", "a1", "c0", "a2", "a3", "a4", "a5"}
 	if got := g.Arrived(); !slices.Equal(got, want) {
 		t.Fatalf("runs in order %q, want %q", got, want)
 	}
 	if got := rt.Closed(); !slices.Equal(got, []string{"a", "b", "a", "c"}) {
-		t.Fatalf("evicted %q, want a, b, a, c (one sandbox, taken in turn)", got)
+		t.Fatalf("closed %q, want a, b, a, c (one sandbox, taken in turn)", got)
+	}
+	if s := p.Stats(); s.Preemptions != 4 || s.Evictions != 4 {
+		t.Fatalf("stats %+v, want 4 preemptions", s)
+	}
+}
+
+// A busy sandbox is preempted only once it has served its tenant for the
+// quantum, four times the average creation time.
+func TestPreemptionQuantum(t *testing.T) {
+	g := newGate()
+	clock := newFakeClock()
+	p, _ := gatedPool(t, g, func(c *Config) { c.Clock = clock })
+	first := goRun(context.Background(), p, "a", "a0")
+	waitFor(t, "a0 to run", func() bool { return len(g.Arrived()) == 1 })
+	p.mu.Lock()
+	p.avgCreate = time.Second
+	p.mu.Unlock()
+	rest := enqueue(t, p, "b0", "a1")
+	clock.Advance(3 * time.Second)
+	if s := p.Stats(); s.Preemptions != 0 {
+		t.Fatalf("preempted after 3 s, quantum is 4 s: %+v", s)
+	}
+	clock.Advance(time.Second)
+	waitStats(t, p, "a's sandbox preempted for b", func(s Stats) bool { return s.Preemptions == 1 })
+	close(g.open)
+	collect(t, append(rest, first))
+	if got, want := g.Arrived(), []string{"a0", "b0", "a1"}; !slices.Equal(got, want) {
+		t.Fatalf("runs in order %q, want %q", got, want)
 	}
 }
 
@@ -242,35 +272,6 @@ func TestQueueDeadlines(t *testing.T) {
 			}
 		})
 	}
-}
-
-// A request whose deadline passes leaves the ring; the next tenant behind it
-// is served instead, not held back by a barrier nobody needs any more.
-func TestQueueLeavingHeadLiftsBarrier(t *testing.T) {
-	g := newGate()
-	p, _ := gatedPool(t, g, func(c *Config) { c.PerSandbox = 2 })
-	first := goRun(context.Background(), p, "a", "a0")
-	waitFor(t, "a0 to run", func() bool { return len(g.Arrived()) == 1 })
-	// b waits for a sandbox; a1 arrives after it and is held back even
-	// though a's sandbox has a free slot.
-	ctx, cancel := context.WithCancel(context.Background())
-	rb := make(chan error, 1)
-	go func() {
-		_, err := p.Run(ctx, req("b"))
-		rb <- err
-	}()
-	waitStats(t, p, "b to wait", func(s Stats) bool { return s.Queued == 1 })
-	a1 := enqueue(t, p, "a1")
-	if n := len(g.Arrived()); n != 1 {
-		t.Fatalf("%d runs started, want a1 held back behind b", n)
-	}
-	cancel()
-	if err := <-rb; !errors.Is(err, context.Canceled) {
-		t.Fatalf("b: %v", err)
-	}
-	waitFor(t, "a1 to run once b left", func() bool { return len(g.Arrived()) == 2 })
-	close(g.open)
-	collect(t, append(a1, first))
 }
 
 func TestQueueClosedWaiters(t *testing.T) {

@@ -5,7 +5,7 @@ import "github.com/isode-run/isode/pkg/protocol"
 // counters are the pool's running totals; see Stats.
 type counters struct {
 	Hits, PoolHits, ColdStarts                        uint64
-	Evictions                                         uint64
+	Evictions, Preemptions                            uint64
 	Recycles, IdleRecycles, MaxRequestRecycles        uint64
 	MaxAgeRecycles                                    uint64
 	Deaths, CreateFailures, Rejections, QueueTimeouts uint64
@@ -30,7 +30,10 @@ type Stats struct {
 	Hits       uint64 // requests served by their tenant's sandbox
 	PoolHits   uint64 // requests served by a free sandbox assigned to their tenant for them
 	ColdStarts uint64 // requests that waited for a sandbox created for their tenant
-	Evictions  uint64 // idle sandboxes removed to make room for another tenant
+	Evictions  uint64 // sandboxes removed to make room for another tenant
+	// Preemptions counts the Evictions of busy sandboxes (see the package
+	// doc), which finish their runs first.
+	Preemptions uint64
 	// Recycles counts sandboxes removed for idleness, runs or age; the
 	// three counters after it break it down.
 	Recycles           uint64
@@ -63,6 +66,7 @@ func (p *Pool) Stats() Stats {
 		PoolHits:           p.stats.PoolHits,
 		ColdStarts:         p.stats.ColdStarts,
 		Evictions:          p.stats.Evictions,
+		Preemptions:        p.stats.Preemptions,
 		Recycles:           p.stats.Recycles,
 		IdleRecycles:       p.stats.IdleRecycles,
 		MaxRequestRecycles: p.stats.MaxRequestRecycles,
