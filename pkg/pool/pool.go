@@ -187,8 +187,13 @@ func New(rt Runtime, cfg Config) (*Pool, error) {
 	return p, nil
 }
 
-// Capacity is the number of Runs that may be outstanding (running or
-// waiting) before Run rejects with ErrQueueFull: High*PerSandbox+QueueSize.
+// Capacity is High*PerSandbox+QueueSize: the most Runs that can be
+// outstanding (running or waiting) at once; past it Run always rejects with
+// ErrQueueFull. It is a bound, not a promise: Run may reject earlier with
+// ErrTenantQueueFull, or with ErrQueueFull while few runs are in flight,
+// since requests waiting for a sandbox being created count in the queue.
+// A worker that keeps at most Capacity requests outstanding never has one
+// refused for lack of room in the pool's own bookkeeping.
 func (p *Pool) Capacity() int {
 	return p.cfg.High*p.cfg.PerSandbox + p.cfg.QueueSize
 }
