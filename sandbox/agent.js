@@ -119,7 +119,7 @@ class Agent {
     this.ready = false;
     this.closed = false;
     this.spawnFailures = 0;
-    this.stats = { runs: 0, timeouts: 0, replaced: 0, strays: 0 };
+    this.stats = { runs: 0, timeouts: 0, replaced: 0, strays: 0, spawned: 0 };
     this.trimTimer = setInterval(() => this.trim(), Math.max(1000, this.o.idleTrimMs / 2));
     this.trimTimer.unref();
     this.spawn();
@@ -221,6 +221,7 @@ class Agent {
   spawn() {
     if (this.closed) return;
     const slot = { worker: null, state: 'starting', req: null, idleSince: 0, error: null };
+    this.stats.spawned++;
     let w;
     try {
       w = new Worker(this.o.workerFile, {

@@ -34,6 +34,14 @@ func run(ctx, abort context.Context, args []string, stdout, stderr io.Writer) er
 	cfg.Fleet.Logger = log.With().Str("component", "fleet").Logger()
 	cfg.Docker.Logger = slog.New(zerolog.NewSlogHandler(log.With().Str("component", "docker").Logger()))
 
+	if cfg.DebugAddr != "" {
+		stopDebug, err := serveDebug(cfg.DebugAddr, log)
+		if err != nil {
+			return err
+		}
+		defer stopDebug()
+	}
+
 	// NATS: the embedded server, or the one named.
 	var embedded *server.Server
 	ncClosed := make(chan struct{})
