@@ -56,8 +56,8 @@ func defaultConfig() config {
 		LogLevel:  "info",
 		LogFormat: "auto",
 		Grace:     20 * time.Second,
-		Heartbeat: time.Second,
-		MemberTTL: 3 * time.Second,
+		Heartbeat: 500 * time.Millisecond,
+		MemberTTL: 2 * time.Second,
 		Pool:      pool.DefaultConfig(),
 		Docker:    dockerx.DefaultConfig(),
 		Fleet:     fleet.DefaultConfig(),
@@ -242,6 +242,8 @@ func (c *config) finish() error {
 	c.Fleet.WorkerID = c.WorkerID
 	c.Fleet.Prefix = c.Prefix
 	c.Fleet.Shards = c.Shards
+	c.Fleet.Heartbeat = c.Heartbeat
+	c.Fleet.MemberTTL = c.MemberTTL
 	if err := c.Pool.Validate(); err != nil {
 		return fmt.Errorf("%w: %w", errInvalidConfig, err)
 	}
