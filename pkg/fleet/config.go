@@ -34,8 +34,10 @@ type Config struct {
 	AckWait time.Duration
 	// FetchWait is the expiry of each pull request.
 	FetchWait time.Duration
-	// MaxBatch bounds the messages one pull request asks for.
-	MaxBatch int
+	// PullBuffer is how many requests of one shard the client library may
+	// hold ahead of the worker taking them. At capacity the worker exceeds
+	// Capacity by at most this much per owned shard.
+	PullBuffer int
 	// MaxDeliver bounds deliveries of one request; -1 (the default) is
 	// unlimited. Every hand-back (a worker shutting down, a tenant's queue
 	// full) is a delivery, so a bound would drop requests under load; the
@@ -76,8 +78,8 @@ func DefaultConfig() Config {
 		Shards:          protocol.DefaultShards,
 		Capacity:        256,
 		AckWait:         5 * time.Second,
-		FetchWait:       2 * time.Second,
-		MaxBatch:        16,
+		FetchWait:       10 * time.Second,
+		PullBuffer:      2,
 		MaxDeliver:      -1,
 		StreamMaxMsgs:   100_000,
 		StreamMaxBytes:  1 << 30,
@@ -109,10 +111,10 @@ func (c *Config) Validate() error {
 		return bad("capacity", "%d must be at least 1", c.Capacity)
 	case c.AckWait < time.Second:
 		return bad("ack wait", "%v must be at least 1s", c.AckWait)
-	case c.FetchWait < 100*time.Millisecond:
-		return bad("fetch wait", "%v must be at least 100ms", c.FetchWait)
-	case c.MaxBatch < 1:
-		return bad("max batch", "%d must be at least 1", c.MaxBatch)
+	case c.FetchWait < time.Second:
+		return bad("fetch wait", "%v must be at least 1s", c.FetchWait)
+	case c.PullBuffer < 1:
+		return bad("pull buffer", "%d must be at least 1", c.PullBuffer)
 	case c.MaxDeliver < 1 && c.MaxDeliver != -1:
 		return bad("max deliver", "%d must be at least 1, or -1 for unlimited", c.MaxDeliver)
 	case c.StreamMaxMsgs < 1:

@@ -42,7 +42,7 @@ type env struct {
 	c   *client.Client
 }
 
-func newEnv(t *testing.T) *env {
+func newEnv(t testing.TB) *env {
 	t.Helper()
 	s := testenv.NATS(t)
 	nc, err := nats.Connect(s.ClientURL())
@@ -62,12 +62,11 @@ func testConfig(id string) fleet.Config {
 	cfg := fleet.DefaultConfig()
 	cfg.WorkerID = id
 	cfg.Shards = 8
-	cfg.FetchWait = 500 * time.Millisecond
 	return cfg
 }
 
 // startWorker runs a fleet worker on its own connection until the test ends.
-func startWorker(t *testing.T, e *env, run fleet.Runner, cfg fleet.Config) *fleet.Worker {
+func startWorker(t testing.TB, e *env, run fleet.Runner, cfg fleet.Config) *fleet.Worker {
 	t.Helper()
 	nc, err := nats.Connect(e.url)
 	if err != nil {
@@ -77,7 +76,7 @@ func startWorker(t *testing.T, e *env, run fleet.Runner, cfg fleet.Config) *flee
 }
 
 // startWorkerOn runs a fleet worker on nc until the test ends, then closes nc.
-func startWorkerOn(t *testing.T, nc *nats.Conn, run fleet.Runner, cfg fleet.Config) *fleet.Worker {
+func startWorkerOn(t testing.TB, nc *nats.Conn, run fleet.Runner, cfg fleet.Config) *fleet.Worker {
 	t.Helper()
 	w, err := fleet.New(nc, run, nil, cfg)
 	if err != nil {
@@ -101,7 +100,7 @@ func startWorkerOn(t *testing.T, nc *nats.Conn, run fleet.Runner, cfg fleet.Conf
 	return w
 }
 
-func newClient(t *testing.T, e *env, shards int) *client.Client {
+func newClient(t testing.TB, e *env, shards int) *client.Client {
 	c, err := client.New(e.nc, client.WithShards(shards))
 	if err != nil {
 		t.Fatal(err)
@@ -394,9 +393,9 @@ func TestBackpressureStopsPullingAndLosesNothing(t *testing.T) {
 		}(i)
 	}
 	js, _ := jetstream.New(e.nc)
-	// The worker holds at most its capacity plus one small pull per shard
-	// already on its way; the rest waits, undelivered, in the stream.
-	bound := cfg.Capacity + cfg.Shards
+	// The worker holds at most its capacity plus the client library's pull
+	// buffer of each shard; the rest waits, undelivered, in the stream.
+	bound := cfg.Capacity + cfg.Shards*cfg.PullBuffer
 	held := func() (taken, waiting int, err error) {
 		for sh := 0; sh < cfg.Shards; sh++ {
 			cons, err := js.Consumer(ctx, "ISODE", protocol.ConsumerName("isode", sh))
@@ -422,8 +421,8 @@ func TestBackpressureStopsPullingAndLosesNothing(t *testing.T) {
 		}
 		return nil
 	})
-	// Several pull cycles later the worker still has not taken more.
-	time.Sleep(3 * cfg.FetchWait)
+	// A while later the worker still has not taken more.
+	time.Sleep(1500 * time.Millisecond)
 	taken, waiting, err := held()
 	if err != nil {
 		t.Fatal(err)

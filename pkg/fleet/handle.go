@@ -205,28 +205,55 @@ func (w *Worker) nak(msg jetstream.Msg, delay time.Duration) {
 	}
 }
 
-// keepAlive tells JetStream the request is still being worked on, every
-// AckWait/3, until the returned stop is called.
+// keepAlive tells JetStream the request is still being worked on (see
+// progress) until the returned stop is called.
 func (w *Worker) keepAlive(msg jetstream.Msg) (stop func()) {
+	t := &tracked{msg: msg, since: time.Now()}
+	w.progressMu.Lock()
+	w.progress[t] = struct{}{}
+	w.progressMu.Unlock()
+	return func() {
+		w.progressMu.Lock()
+		delete(w.progress, t)
+		w.progressMu.Unlock()
+	}
+}
+
+// tracked is a request in progress.
+type tracked struct {
+	msg   jetstream.Msg
+	since time.Time
+}
+
+// signalProgress runs until ctx ends: every AckWait/3 it sends a progress
+// signal for each request held longer than that, so JetStream does not
+// redeliver requests that wait in the pool or run long. One goroutine
+// serves every request.
+func (w *Worker) signalProgress(ctx context.Context) {
 	every := w.cfg.AckWait / 3
-	done := make(chan struct{})
 	t := time.NewTicker(every)
-	w.handlers.Add(1)
-	go func() {
-		defer w.handlers.Done()
-		defer t.Stop()
-		for {
-			select {
-			case <-t.C:
-				if err := msg.InProgress(); err != nil {
+	defer t.Stop()
+	var due []jetstream.Msg
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-t.C:
+			due = due[:0]
+			w.progressMu.Lock()
+			for r := range w.progress {
+				if now.Sub(r.since) >= every {
+					due = append(due, r.msg)
+				}
+			}
+			w.progressMu.Unlock()
+			for _, m := range due {
+				if err := m.InProgress(); err != nil {
 					w.log.Debug().Err(err).Msg("signal progress")
 				}
-			case <-done:
-				return
 			}
 		}
-	}()
-	return func() { close(done) }
+	}
 }
 
 // checkReplyTo refuses reply subjects a worker must never publish to: empty

@@ -27,49 +27,47 @@ func (w *Worker) startShard(shard int, cons jetstream.Consumer) *shardLoop {
 	return l
 }
 
-// pull fetches requests of one shard while there is room for them (see
-// gate). An idle shard keeps a pull for one message open; a shard whose
-// last batch came back full doubles its next batch, up to MaxBatch and the
-// room left.
+// pull takes requests of one shard while there is room for them. It keeps
+// one long-lived pull subscription (the client library refills it in the
+// background, PullBuffer messages at a time), so the warm path costs no
+// subscription or pull request of its own. When ctx ends it drains: the
+// messages already delivered to this worker are handled, not dropped.
 func (w *Worker) pull(ctx context.Context, shard int, cons jetstream.Consumer) {
 	log := w.log.With().Int("shard", shard).Logger()
 	backoff := newBackoff(100*time.Millisecond, 5*time.Second)
-	batch := 1
 	for ctx.Err() == nil {
-		extra, err := w.gate.wait(ctx, min(batch, w.cfg.MaxBatch)-1)
+		it, err := cons.Messages(
+			jetstream.PullMaxMessages(w.cfg.PullBuffer),
+			jetstream.PullExpiry(w.cfg.FetchWait),
+		)
 		if err != nil {
-			return
-		}
-		n := 1 + extra
-		fctx, cancel := context.WithTimeout(ctx, w.cfg.FetchWait)
-		msgs, err := cons.Fetch(n, jetstream.FetchContext(fctx))
-		if err != nil {
-			cancel()
-			w.gate.unreserve(extra)
 			log.Warn().Err(err).Msg("pull requests")
 			backoff.sleep(ctx)
 			continue
 		}
-		got := 0
-		for msg := range msgs.Messages() {
-			w.gate.take(got > 0 && got <= extra)
-			got++
+		stopDrain := context.AfterFunc(ctx, it.Drain)
+		for {
+			if ctx.Err() == nil {
+				// At capacity: stop taking; what is buffered waits.
+				_ = w.gate.wait(ctx)
+			}
+			msg, err := it.Next()
+			if errors.Is(err, jetstream.ErrMsgIteratorClosed) {
+				break
+			}
+			if err != nil {
+				log.Debug().Err(err).Msg("pull requests")
+				continue
+			}
+			backoff.reset()
+			w.gate.take()
 			w.handlers.Add(1)
 			go w.handle(msg, shard)
 		}
-		cancel()
-		w.gate.unreserve(max(0, extra-max(0, got-1)))
-		if err := msgs.Error(); err != nil && !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, context.Canceled) {
-			log.Warn().Err(err).Msg("pull requests")
+		stopDrain()
+		if ctx.Err() == nil {
+			// The iterator ended on its own (connection closed): start over.
 			backoff.sleep(ctx)
-			continue
-		}
-		backoff.reset()
-		// A batch filled to the brim means more is waiting: ask for more next time.
-		if got == n {
-			batch = min(batch*2, w.cfg.MaxBatch)
-		} else {
-			batch = max(1, got)
 		}
 	}
 }

@@ -53,6 +53,12 @@ type Worker struct {
 	runCancel context.CancelFunc
 	handlers  sync.WaitGroup
 
+	// progress signals for requests held (handle.go)
+	progressMu sync.Mutex
+	progress   map[*tracked]struct{}
+	bgCancel   context.CancelFunc
+	bg         sync.WaitGroup
+
 	// membership loop
 	memberKV     jetstream.KeyValue
 	memberCancel context.CancelFunc
@@ -90,8 +96,10 @@ func New(nc *nats.Conn, run Runner, stats StatsFunc, cfg Config) (*Worker, error
 		cache:    newReplyCache(cfg.ReplyCacheTTL, cfg.ReplyCacheBytes),
 		shards:   make(map[int]*shardLoop),
 		inflight: make(map[string]chan struct{}),
+		progress: make(map[*tracked]struct{}),
 	}
 	w.runCtx, w.runCancel = context.WithCancel(context.Background())
+	w.bgCancel = func() {}
 	return w, nil
 }
 
@@ -120,6 +128,13 @@ func (w *Worker) Start(ctx context.Context) error {
 	w.stream = s
 	w.statsSub = sub
 	w.memberKV = kv
+	bgCtx, bgCancel := context.WithCancel(context.Background())
+	w.bgCancel = bgCancel
+	w.bg.Add(1)
+	go func() {
+		defer w.bg.Done()
+		w.signalProgress(bgCtx)
+	}()
 	mctx, cancel := context.WithCancel(context.Background())
 	w.memberCancel = cancel
 	w.memberDone = make(chan struct{})
@@ -239,6 +254,7 @@ func (w *Worker) Wait(ctx context.Context) error {
 	}()
 	select {
 	case <-done:
+		w.stopBackground()
 		return nil
 	case <-ctx.Done():
 		return fmt.Errorf("requests still in flight: %d: %w", w.gate.count(), ctx.Err())
@@ -247,7 +263,19 @@ func (w *Worker) Wait(ctx context.Context) error {
 
 // Abort cancels every request in flight; their messages are left
 // unacknowledged, so JetStream redelivers them to another worker.
-func (w *Worker) Abort() { w.runCancel() }
+func (w *Worker) Abort() {
+	w.runCancel()
+	w.stopBackground()
+}
+
+// stopBackground ends the progress signaller.
+func (w *Worker) stopBackground() {
+	w.mu.Lock()
+	cancel := w.bgCancel
+	w.mu.Unlock()
+	cancel()
+	w.bg.Wait()
+}
 
 func (w *Worker) answerStats(m *nats.Msg) {
 	st := protocol.WorkerStats{
