@@ -139,6 +139,23 @@ func (f *flagSet) dur(p *time.Duration, name, envVar, usage string) {
 	}, p.String())
 }
 
+func (f *flagSet) boolean(p *bool, name, envVar, usage string) {
+	set := func(s string) error {
+		v, err := strconv.ParseBool(s)
+		if err != nil {
+			return errors.New("not a boolean (true or false)")
+		}
+		*p = v
+		return nil
+	}
+	f.BoolFunc(name, fmt.Sprintf("%s (env %s, default %t)", usage, envVar, *p), set)
+	if v, ok := os.LookupEnv(envVar); ok && f.envErr == nil {
+		if err := set(v); err != nil {
+			f.envErr = fmt.Errorf("%w: %s=%q: %v", errInvalidConfig, envVar, v, err)
+		}
+	}
+}
+
 func (f *flagSet) float(p *float64, name, envVar, usage string) {
 	f.env(name, envVar, usage, func(s string) error {
 		v, err := strconv.ParseFloat(s, 64)
@@ -194,6 +211,7 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 	fs.dur(&c.Fleet.MaxTimeout, "max-timeout", "ISODE_MAX_TIMEOUT", "cap on a request's run timeout")
 	fs.dur(&c.Fleet.AckWait, "ack-wait", "ISODE_ACK_WAIT", "redelivery delay of a request whose worker went silent")
 	fs.int64(&c.Fleet.StreamMaxMsgs, "stream-max-msgs", "ISODE_STREAM_MAX_MSGS", "requests the stream holds before it rejects new ones as overloaded")
+	fs.boolean(&c.Fleet.StreamMemory, "stream-memory", "ISODE_STREAM_MEMORY", "keep the request stream in memory: faster, but a restart of a single NATS server loses the requests waiting in it")
 	fs.int(&c.Fleet.StreamReplicas, "stream-replicas", "ISODE_STREAM_REPLICAS", "replicas of the request stream (clustered NATS)")
 
 	if fs.envErr != nil {

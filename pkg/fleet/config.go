@@ -50,6 +50,11 @@ type Config struct {
 	StreamMaxBytes int64
 	// StreamReplicas is the stream's replication factor (clustered NATS).
 	StreamReplicas int
+	// StreamMemory keeps the request stream in memory instead of files: a
+	// request costs less (no block file is created and removed each time
+	// the stream drains), but requests waiting in the stream are lost if a
+	// single NATS server restarts. Only applies when the stream is created.
+	StreamMemory bool
 	// DuplicateWindow is the stream's de-duplication window for request ids.
 	DuplicateWindow time.Duration
 	// MaxTimeout caps a request's run timeout on this worker.

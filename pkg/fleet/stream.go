@@ -24,12 +24,16 @@ const (
 var ErrIncompatibleStream = errors.New("incompatible request stream")
 
 func (c *Config) streamConfig() jetstream.StreamConfig {
+	storage := jetstream.FileStorage
+	if c.StreamMemory {
+		storage = jetstream.MemoryStorage
+	}
 	return jetstream.StreamConfig{
 		Name:        protocol.StreamName(c.Prefix),
 		Description: "isode run requests, one subject per shard",
 		Subjects:    []string{protocol.RunWildcard(c.Prefix)},
 		Retention:   jetstream.WorkQueuePolicy,
-		Storage:     jetstream.FileStorage,
+		Storage:     storage,
 		Discard:     jetstream.DiscardNew,
 		MaxMsgs:     c.StreamMaxMsgs,
 		MaxBytes:    c.StreamMaxBytes,
