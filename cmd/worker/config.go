@@ -200,7 +200,7 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 	fs.dur(&c.Pool.MaxAge, "max-age", "ISODE_MAX_AGE", "recycle a sandbox this old (0: unlimited)")
 	fs.int(&c.Pool.CreateConcurrency, "create-concurrency", "ISODE_CREATE_CONCURRENCY", "sandboxes created at once")
 
-	fs.str(&c.Docker.Image, "image", "ISODE_IMAGE", "sandbox image (build it with `make sandbox-image`)")
+	fs.str(&c.Docker.Image, "image", "ISODE_IMAGE", "sandbox image (build it with: make sandbox-image)")
 	fs.str(&c.memory, "memory", "ISODE_MEMORY", "memory limit of each sandbox (no swap), e.g. 128MiB")
 	fs.float(&c.cpus, "cpus", "ISODE_CPUS", "CPU limit of each sandbox, in CPUs")
 	fs.int64(&c.Docker.PidsLimit, "pids", "ISODE_PIDS", "process/thread limit of each sandbox")
