@@ -28,6 +28,17 @@ vet:
 test: sandbox-image vet
 	$(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) ./...
 
+# Benchmarks, each next to a baseline measured in the same run (none of them
+# is part of make test). BENCH_FLAGS are passed to the worker.
+BENCH_WORKER ?= --low 4 --high 64
+bench: build sandbox-image
+	$(GO) test -run '^$$' -bench . -benchtime 2s ./pkg/fleet/ ./pkg/pool/ ./pkg/dockerx/
+	$(GO) test -run '^$$' -bench WorkerMemory -benchtime 1x ./cmd/worker/
+	BIN=$(BIN) ./scripts/bench-worker.sh "$(BENCH_WORKER)" --scenario warm --tenants 1 --concurrency 1 --duration 10s
+	BIN=$(BIN) ./scripts/bench-worker.sh "$(BENCH_WORKER)" --scenario new --count 20 --duration 5s
+	BIN=$(BIN) ./scripts/bench-worker.sh "$(BENCH_WORKER)" --scenario warm --tenants 50 --concurrency 32 --duration 15s
+	BIN=$(BIN) ./scripts/bench-worker.sh "$(BENCH_WORKER) --stream-memory" --scenario warm --tenants 50 --concurrency 32 --duration 15s
+
 # Removes every container isode made on this engine (running or not).
 clean:
 	-docker ps -aq --filter label=io.isode.app=isode | xargs -r docker rm -f
