@@ -30,6 +30,7 @@ type dockerPool struct {
 	*pool.Pool
 	tb       testing.TB
 	cli      *client.Client
+	rt       *dockerx.Runtime
 	workerID string
 }
 
@@ -74,6 +75,7 @@ func newDockerPool(tb testing.TB, cfg pool.Config) *dockerPool {
 		tb.Fatalf("pool.New: %v", err)
 	}
 	d.Pool = p
+	d.rt = rt
 	tb.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		defer cancel()
@@ -248,8 +250,35 @@ func TestDockerIdleRecycleRefillsToLow(t *testing.T) {
 // the pool is let settle, refills done, between iterations, off the clock.
 //
 //	go test -run '^$' -bench DockerNewTenant -benchtime 20x ./pkg/pool/
+// BenchmarkDockerNewTenant measures a new tenant's first run through the
+// pool with a free container waiting ("free") and with none ("cold"), and,
+// as the baseline for the cold start, the same create+start+ready and run
+// done directly on the runtime without a pool ("bare"). It reports
+// cold/free and cold/bare.
 func BenchmarkDockerNewTenant(b *testing.B) {
-	var freeNs float64
+	var freeNs, bareNs float64
+	b.Run("bare", func(b *testing.B) {
+		d := newDockerPool(b, dockerConfig())
+		req := &protocol.Request{V: protocol.Version, IsolateKey: "bare", Code: `return function (cb) { cb(null, 1); }`, TimeoutMs: 5000}
+		ctx := context.Background()
+		var total time.Duration
+		for range b.N {
+			start := time.Now()
+			sb, err := d.rt.Create(ctx, "bare")
+			if err != nil {
+				b.Fatal(err)
+			}
+			if _, err := sb.Run(ctx, req); err != nil {
+				b.Fatal(err)
+			}
+			total += time.Since(start)
+			if err := sb.Close(ctx); err != nil {
+				b.Fatal(err)
+			}
+		}
+		bareNs = float64(total.Nanoseconds()) / float64(b.N)
+		b.ReportMetric(bareNs, "create+run-ns/op")
+	})
 	for _, bc := range []struct {
 		name string
 		low  int
@@ -289,6 +318,9 @@ func BenchmarkDockerNewTenant(b *testing.B) {
 				}
 				if freeNs > 0 {
 					b.ReportMetric(ns/freeNs, "x-free")
+				}
+				if bareNs > 0 {
+					b.ReportMetric(ns/bareNs, "x-bare")
 				}
 			}
 		})
