@@ -40,7 +40,7 @@ func (w *Worker) membersBucket(ctx context.Context) (jetstream.KeyValue, error) 
 		Description: "isode workers; each key is refreshed every heartbeat",
 		History:     1,
 		TTL:         max(time.Minute, 10*w.cfg.MemberTTL),
-		Storage:     jetstream.MemoryStorage,
+		Storage:     jetstream.FileStorage, // memory streams do not survive a server restart
 		Replicas:    w.cfg.StreamReplicas,
 	}
 	kv, err := w.js.CreateKeyValue(ctx, cfg)
