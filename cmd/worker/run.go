@@ -48,6 +48,9 @@ func run(ctx, abort context.Context, args []string, stdout, stderr io.Writer) er
 	natsOpts := []nats.Option{
 		nats.ClosedHandler(func(*nats.Conn) { close(ncClosed) }),
 		nats.Name("isode-worker " + cfg.WorkerID),
+		// Its own inbox prefix, so a NATS permission can give applications
+		// _INBOX.> without letting them read the requests workers pull.
+		nats.CustomInboxPrefix("_ISODE_WORKER"),
 		nats.MaxReconnects(-1),
 		nats.ReconnectWait(250 * time.Millisecond),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
