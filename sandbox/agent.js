@@ -96,6 +96,10 @@ function encodeFrame(json) {
 
 // --- the agent -------------------------------------------------------------
 
+// WARMUP_CODE is run once through the first Worker before the agent answers
+// its readiness ping (see Agent.becomeReady).
+const WARMUP_CODE = 'return function (ctx, cb) { console.log("warm"); cb(null, ctx.data); }';
+
 function errorFrame(id, code, message, consoleText, truncated) {
   return (
     '{"id":' + id + ',"error":' + JSON.stringify({ code, message }) +
@@ -117,6 +121,7 @@ class Agent {
     this.slots = new Set(); // every Worker, in any state
     this.pings = []; // ping ids waiting for the first ready Worker
     this.ready = false;
+    this.warming = false;
     this.closed = false;
     this.spawnFailures = 0;
     this.stats = { runs: 0, timeouts: 0, replaced: 0, strays: 0, spawned: 0 };
@@ -184,6 +189,7 @@ class Agent {
       maxConsole: Number.isSafeInteger(m.max_console_bytes) && m.max_console_bytes >= 0 ? m.max_console_bytes : this.o.maxConsoleBytes,
       slot: null,
       timer: null,
+      internal: m.id < 0, // the agent's own warm-up (hosts' ids are never negative): no reply
     };
     req.timer = setTimeout(() => this.expire(req), timeoutMs);
     this.pending.set(req.id, req);
@@ -262,9 +268,11 @@ class Agent {
         this.spawnFailures = 0;
         slot.state = 'idle';
         slot.idleSince = Date.now();
-        if (!this.ready) {
-          this.ready = true;
-          for (const id of this.pings.splice(0)) this.pong(id);
+        if (!this.ready && !this.warming) {
+          // One run through this thread's own paths before the sandbox
+          // counts as ready, so a new tenant's first request is a warm one.
+          this.warming = true;
+          this.run({ id: -1, code: WARMUP_CODE, input: { warm: [1, 'up'] }, timeout_ms: 5000 });
         }
         this.dispatch();
         return;
@@ -363,7 +371,18 @@ class Agent {
   finish(req, json) {
     if (!this.pending.delete(req.id)) return;
     clearTimeout(req.timer);
+    if (req.internal) {
+      this.becomeReady();
+      return;
+    }
     this.send(json, req.id);
+  }
+
+  // becomeReady answers the pings that waited for the first warm Worker.
+  becomeReady() {
+    if (this.ready) return;
+    this.ready = true;
+    for (const id of this.pings.splice(0)) this.pong(id);
   }
 
   send(json, id) {

@@ -302,6 +302,12 @@ parentPort.on('message', (m) => {
   if (m && m.t === 'run') run(m);
 });
 
+// Warm the run path before the first real request: compile and call a
+// snippet through the same functions (console capture and JSON included),
+// so the first request of a new tenant does not pay V8's first-execution
+// costs. Its result (id -1) reaches the agent before 'ready' and is ignored.
+run({ t: 'run', id: -1, code: 'return function (ctx, cb) { console.log("warm"); cb(null, ctx.data); }', input: { warm: [1, 'up'] }, maxResult: 4096, maxConsole: 4096 });
+
 later(() => {
   baseline = countResources();
   post({ t: 'ready' });
