@@ -173,7 +173,7 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 	fs := &flagSet{FlagSet: flag.NewFlagSet("worker", flag.ContinueOnError)}
 	fs.SetOutput(stderr)
 	fs.Usage = func() {
-		fmt.Fprintf(stderr, "Usage: worker [flags]\n\nRuns isode sandboxes for requests taken from NATS. Every flag can also be set\nby the environment variable named with it; a flag wins over the variable.\n\n")
+		fmt.Fprintf(stderr, "Usage: worker [flags]\n\nRuns isode sandboxes for requests taken from NATS. Every flag can also be set\nby the environment variable named with it; a flag wins over the variable.\nThe Docker engine is found through DOCKER_HOST, else ISODE_SOCKET_PATH\n(default /var/run/docker.sock).\n\n")
 		fs.PrintDefaults()
 	}
 

@@ -1,0 +1,106 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"flag"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestParseConfig(t *testing.T) {
+	tests := []struct {
+		name    string
+		env     map[string]string
+		args    []string
+		check   func(t *testing.T, c config)
+		wantErr string
+	}{
+		{name: "defaults", check: func(t *testing.T, c config) {
+			if c.NATSURL != "" || c.Pool.Low != 2 || c.Pool.High != 16 || c.Docker.Image != "isode-sandbox:latest" || c.Shards != 64 {
+				t.Errorf("defaults: %+v", c)
+			}
+			if c.WorkerID == "" || c.Docker.WorkerID != c.WorkerID || c.Fleet.WorkerID != c.WorkerID {
+				t.Errorf("worker id not propagated: %q %q %q", c.WorkerID, c.Docker.WorkerID, c.Fleet.WorkerID)
+			}
+			if c.Docker.Memory != 128<<20 || c.Docker.NanoCPUs != 1e9 || c.Docker.Concurrency != c.Pool.PerSandbox {
+				t.Errorf("sandbox limits: %+v", c.Docker)
+			}
+		}},
+		{name: "environment", env: map[string]string{"ISODE_NATS_URL": "nats://n:4222", "ISODE_LOW": "3", "ISODE_IMAGE": "img:1", "ISODE_IDLE_TIMEOUT": "30s", "ISODE_MEMORY": "256MiB", "ISODE_STREAM_MEMORY": "true"},
+			check: func(t *testing.T, c config) {
+				if c.NATSURL != "nats://n:4222" || c.Pool.Low != 3 || c.Docker.Image != "img:1" || c.Pool.IdleTimeout != 30*time.Second || c.Docker.Memory != 256<<20 || !c.Fleet.StreamMemory {
+					t.Errorf("env not applied: %+v", c)
+				}
+			}},
+		{name: "flag wins over environment", env: map[string]string{"ISODE_LOW": "3"}, args: []string{"--low", "1", "--high", "4", "--cpus", "0.5", "--stream-memory"},
+			check: func(t *testing.T, c config) {
+				if c.Pool.Low != 1 || c.Pool.High != 4 || c.Docker.NanoCPUs != 5e8 || !c.Fleet.StreamMemory {
+					t.Errorf("flags not applied: low %d high %d cpus %d", c.Pool.Low, c.Pool.High, c.Docker.NanoCPUs)
+				}
+			}},
+		{name: "bad environment value names the variable", env: map[string]string{"ISODE_HIGH": "many"}, wantErr: "ISODE_HIGH"},
+		{name: "bad size", args: []string{"--memory", "lots"}, wantErr: "--memory"},
+		{name: "low over high", args: []string{"--low", "5", "--high", "2"}, wantErr: "Low"},
+		{name: "bad log format", args: []string{"--log-format", "xml"}, wantErr: "--log-format"},
+		{name: "member ttl too short", args: []string{"--heartbeat", "1s", "--member-ttl", "1s"}, wantErr: "--member-ttl"},
+		{name: "stray argument", args: []string{"oops"}, wantErr: "unexpected argument"},
+		{name: "bad cpus", args: []string{"--cpus", "0"}, wantErr: "--cpus"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			for k, v := range tt.env {
+				t.Setenv(k, v)
+			}
+			var stderr bytes.Buffer
+			c, err := parseConfig(tt.args, &stderr)
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("err = %v, want it to name %q", err, tt.wantErr)
+				}
+				if !errors.Is(err, errInvalidConfig) {
+					t.Errorf("err = %v does not wrap errInvalidConfig", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			tt.check(t, c)
+		})
+	}
+}
+
+func TestHelpListsEverySetting(t *testing.T) {
+	var stderr bytes.Buffer
+	_, err := parseConfig([]string{"--help"}, &stderr)
+	if !errors.Is(err, flag.ErrHelp) {
+		t.Fatalf("err = %v", err)
+	}
+	help := stderr.String()
+	for _, want := range []string{"--nats", "ISODE_NATS_URL", "--id", "ISODE_WORKER_ID", "--low", "--high", "--idle", "--concurrency",
+		"--queue", "--tenant-queue", "ISODE_IMAGE", "--memory", "--cpus", "--pids", "--runtime", "default 16"} {
+		if !strings.Contains(help, strings.TrimPrefix(want, "-")) {
+			t.Errorf("help does not mention %s", want)
+		}
+	}
+	for _, want := range []string{"ISODE_SOCKET_PATH", "DOCKER_HOST"} {
+		if !strings.Contains(help, want) {
+			t.Errorf("help does not say how the Docker engine is found (%s)", want)
+		}
+	}
+}
+
+func TestDefaultWorkerID(t *testing.T) {
+	a, b := defaultWorkerID("my host.example"), defaultWorkerID("my host.example")
+	if a == b {
+		t.Errorf("two default ids are equal: %s", a)
+	}
+	if !strings.HasPrefix(a, "my-host.example-") {
+		t.Errorf("id %q does not start with the host name", a)
+	}
+	if id := defaultWorkerID(""); !strings.HasPrefix(id, "worker-") {
+		t.Errorf("id without host: %q", id)
+	}
+}
