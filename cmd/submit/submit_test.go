@@ -1,0 +1,183 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/isode-run/isode/internal/testenv"
+	"github.com/isode-run/isode/pkg/fleet"
+	"github.com/isode-run/isode/pkg/protocol"
+)
+
+// runner answers from the code: "fail" is a code error, anything else
+// echoes the input (or the code) and prints a line.
+type runner struct{}
+
+func (runner) Run(ctx context.Context, req *protocol.Request) (*protocol.Result, error) {
+	if req.Code == "fail" {
+		return &protocol.Result{Console: "about to fail\n"}, protocol.Errorf(protocol.CodeCodeError, "Error: boom")
+	}
+	v := req.Input
+	if len(v) == 0 {
+		v, _ = json.Marshal(req.Code)
+	}
+	return &protocol.Result{Value: v, Console: "hello from " + req.IsolateKey + "\n"}, nil
+}
+
+// fleetURL starts a NATS server and a fleet worker with the fake runner.
+func fleetURL(t *testing.T) string {
+	t.Helper()
+	s := testenv.NATS(t)
+	nc, err := nats.Connect(s.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := fleet.DefaultConfig()
+	cfg.WorkerID = "submit-test"
+	w, err := fleet.New(nc, runner{}, nil, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := w.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		w.StopPulling()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		w.Wait(ctx)
+		nc.Close()
+	})
+	return s.ClientURL()
+}
+
+func submit(t *testing.T, stdin string, args ...string) (stdout, stderr string, err error) {
+	t.Helper()
+	var out, errb bytes.Buffer
+	err = run(context.Background(), args, strings.NewReader(stdin), &out, &errb)
+	return out.String(), errb.String(), err
+}
+
+func exitCode(err error) int {
+	var ee *exitError
+	if errors.As(err, &ee) {
+		return ee.code
+	}
+	if err != nil {
+		return 1
+	}
+	return 0
+}
+
+func TestRun(t *testing.T) {
+	url := fleetURL(t)
+	out, errOut, err := submit(t, "", "run", "--nats", url, "--tenant", "t1", "--input", `{"n":0}`, "return function (ctx, cb) { cb(null, ctx.data); }")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out != "{\"n\":0}\n" || errOut != "hello from t1\n" {
+		t.Fatalf("stdout %q stderr %q", out, errOut)
+	}
+
+	// The code from stdin.
+	out, _, err = submit(t, "from stdin", "run", "--nats", url, "--tenant", "t1", "-")
+	if err != nil || out != "\"from stdin\"\n" {
+		t.Fatalf("stdin: %q %v", out, err)
+	}
+
+	// A failed run: status 1, the code and message on stderr, console too.
+	out, errOut, err = submit(t, "", "run", "--nats", url, "--tenant", "t1", "fail")
+	if exitCode(err) != 1 || out != "" || !strings.Contains(err.Error(), "error code_error: Error: boom") || !strings.Contains(errOut, "about to fail") {
+		t.Fatalf("failed run: stdout %q stderr %q err %v", out, errOut, err)
+	}
+}
+
+func TestUsageErrors(t *testing.T) {
+	for _, args := range [][]string{
+		{},
+		{"nope"},
+		{"run", "--tenant", "t"},
+		{"run", "code"},
+		{"run", "--tenant", "t", "--input", "{bad", "code"},
+		{"run", "--tenant", "t", "a", "b"},
+	} {
+		_, _, err := submit(t, "", args...)
+		if exitCode(err) != 2 {
+			t.Errorf("submit %q: err %v, want exit status 2", args, err)
+		}
+	}
+	// An unreachable server is an error that says what to do.
+	_, _, err := submit(t, "", "run", "--nats", "nats://127.0.0.1:1", "--tenant", "t", "code")
+	if err == nil || !strings.Contains(err.Error(), "is a worker running?") {
+		t.Errorf("unreachable server: %v", err)
+	}
+}
+
+func TestInvalidKeyIsRefusedBeforeSending(t *testing.T) {
+	url := fleetURL(t)
+	_, _, err := submit(t, "", "run", "--nats", url, "--tenant", "bad key*", "code")
+	if exitCode(err) != 1 || !strings.Contains(err.Error(), "error bad_request: isolate_key") {
+		t.Fatalf("err %v", err)
+	}
+}
+
+func TestStats(t *testing.T) {
+	url := fleetURL(t)
+	out, _, err := submit(t, "", "stats", "--nats", url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(out, "submit-test") || !strings.Contains(out, "64 [0-63]") {
+		t.Fatalf("stats:\n%s", out)
+	}
+	out, _, err = submit(t, "", "stats", "--nats", url, "--json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var all []protocol.WorkerStats
+	if err := json.Unmarshal([]byte(out), &all); err != nil || len(all) != 1 || len(all[0].Shards) != 64 {
+		t.Fatalf("stats --json: %v %s", err, out)
+	}
+}
+
+func TestBenchJSON(t *testing.T) {
+	url := fleetURL(t)
+	out, _, err := submit(t, "", "bench", "--nats", url, "--tenants", "3", "--concurrency", "2", "--count", "50", "--json", "--quiet")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rep benchReport
+	if err := json.Unmarshal([]byte(out), &rep); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	if len(rep.Results) != 2 || rep.Results[0].Name != "core NATS echo" || rep.Results[1].Runs != 50 || rep.Results[1].Latency["p50"] <= 0 {
+		t.Fatalf("report %+v", rep)
+	}
+	if rep.Ratios["warm_p50_over_echo_p50"] <= 0 {
+		t.Fatalf("ratios %+v", rep.Ratios)
+	}
+}
+
+func TestShardRanges(t *testing.T) {
+	for _, tt := range []struct {
+		give []int
+		want string
+	}{
+		{nil, "[]"},
+		{[]int{3}, "[3]"},
+		{[]int{0, 1, 2, 5, 7, 8}, "[0-2,5,7-8]"},
+	} {
+		if got := shardRanges(tt.give); got != tt.want {
+			t.Errorf("shardRanges(%v) = %q, want %q", tt.give, got, tt.want)
+		}
+	}
+}
