@@ -24,6 +24,7 @@ const stringify = JSON.stringify;
 const byteLength = Buffer.byteLength;
 const bufferFrom = Buffer.from;
 const isBuffer = Buffer.isBuffer;
+const isArray = Array.isArray;
 const later = setImmediate;
 const activeResources = process.getActiveResourcesInfo.bind(process);
 const AsyncFunction = Object.getPrototypeOf(async function () {}).constructor;
@@ -39,27 +40,39 @@ let current = null; // the request being run, or null
 // --- console capture -------------------------------------------------------
 
 // capture appends output to the current request, bounded by its maxConsole;
-// output with no request running (a stray timer) is dropped.
+// output with no request running (a stray timer) is dropped. Nothing larger
+// than the room left is copied or decoded: a snippet may write a chunk of
+// any size, and a copy of it could take the whole sandbox's memory.
 function capture(chunk) {
   const req = current;
   if (req === null || req.truncated) return;
   let s;
   try {
-    s = typeof chunk === 'string' ? chunk : isBuffer(chunk) || chunk instanceof Uint8Array ? bufferFrom(chunk).toString('utf8') : String(chunk);
+    if (typeof chunk === 'string') s = chunk;
+    else if (isBuffer(chunk) || chunk instanceof Uint8Array) {
+      const room = req.maxConsole - req.consoleBytes;
+      s = bufferFrom(chunk.buffer, chunk.byteOffset, Math.min(chunk.length, room + 4)).toString('utf8');
+    } else s = String(chunk);
   } catch {
     return;
   }
-  const n = byteLength(s, 'utf8');
-  if (req.consoleBytes + n <= req.maxConsole) {
+  append(req, s);
+}
+
+function append(req, s) {
+  const room = req.maxConsole - req.consoleBytes;
+  // A UTF-16 code unit is at least one byte of UTF-8: a string longer than
+  // the room is cut to it before it is measured or encoded.
+  const n = s.length <= room ? byteLength(s, 'utf8') : room + 1;
+  if (n <= room) {
     req.console.push(s);
     req.consoleBytes += n;
     return;
   }
-  const room = req.maxConsole - req.consoleBytes;
   if (room > 0) {
-    const b = bufferFrom(s, 'utf8');
-    let end = room;
-    while (end > 0 && (b[end] & 0xc0) === 0x80) end--; // cut at a character boundary
+    const b = bufferFrom(s.length > room ? s.slice(0, room) : s, 'utf8');
+    let end = Math.min(room, b.length);
+    while (end > 0 && end < b.length && (b[end] & 0xc0) === 0x80) end--; // cut at a character boundary
     const part = b.subarray(0, end).toString('utf8');
     req.console.push(part);
     req.consoleBytes += byteLength(part, 'utf8');
@@ -160,11 +173,31 @@ function codeError(message) {
 
 // valueOutcome serialises a result now, so a later mutation of the value by
 // the snippet does not change what was returned.
+//
+// A result far over the limit is refused before it is serialised: V8 does
+// not fail a thread whose single allocation overshoots its heap limit, it
+// aborts the whole process (every request of the sandbox would fail). The
+// replacer keeps a lower bound of the JSON's size (a string is at least
+// its length plus quotes, anything else at least one byte, a property at
+// least its key) and stops the serialiser as soon as it passes the limit.
+const tooLarge = new Error('result over the limit');
+
 function valueOutcome(req, value) {
   let json;
+  let budget = req.maxResult;
+  const bound = function (key, v) {
+    const t = typeof v;
+    if (t === 'string') budget -= v.length + 2;
+    else if (t === 'undefined' || t === 'function' || t === 'symbol') return v; // left out, or null in an array
+    else budget -= 1;
+    if (!isArray(this)) budget -= key.length;
+    if (budget < 0) throw tooLarge;
+    return v;
+  };
   try {
-    json = stringify(value);
+    json = stringify(value, bound);
   } catch (e) {
+    if (e === tooLarge) return { error: { code: 'output_too_large', message: `result is over the limit of ${req.maxResult} bytes of JSON` } };
     return codeError('result is not JSON-serialisable: ' + describe(e));
   }
   if (json === undefined) json = 'null'; // undefined, a function, a symbol

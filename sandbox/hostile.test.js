@@ -1,0 +1,91 @@
+'use strict';
+// Hostile snippets against the agent as a process, run as in a container
+// (the node flags of node-flags.sh, the protocol on stdin and stdout), but
+// without Docker:  node --test sandbox/
+// A snippet that aborts the whole process must be run out of the test's
+// own process, hence a child per agent.
+const test = require('node:test');
+const assert = require('node:assert/strict');
+const fs = require('node:fs');
+const path = require('node:path');
+const { spawn } = require('node:child_process');
+const { FrameDecoder, encodeFrame } = require('./agent.js');
+
+const flags = fs
+  .readFileSync(path.join(__dirname, 'node-flags.sh'), 'utf8')
+  .match(/^ISODE_NODE_FLAGS=\((.*)\)$/m)[1]
+  .trim()
+  .split(/\s+/);
+
+// agentProcess starts the agent; call(req) resolves with the reply, or
+// rejects when the agent exits first.
+function agentProcess(t, env = {}) {
+  const p = spawn(process.execPath, [...flags, path.join(__dirname, 'agent.js')], {
+    stdio: ['pipe', 'pipe', 'pipe'],
+    env: { ...process.env, ...env },
+  });
+  let stderr = '';
+  p.stderr.on('data', (c) => (stderr += c));
+  const waiting = new Map();
+  let exited = null;
+  const dec = new FrameDecoder(16 << 20, (b) => {
+    const m = JSON.parse(b.toString('utf8'));
+    const w = waiting.get(m.id);
+    if (w) {
+      waiting.delete(m.id);
+      w.resolve(m);
+    }
+  });
+  p.stdout.on('data', (c) => dec.push(c));
+  p.on('exit', (code, signal) => {
+    exited = { code, signal };
+    for (const w of waiting.values()) w.reject(new Error(`the agent exited (${code ?? signal}): ${stderr.split('\n').slice(0, 3).join(' | ')}`));
+    waiting.clear();
+  });
+  t.after(() => {
+    if (exited === null) p.kill('SIGKILL');
+  });
+  let next = 1;
+  const call = (req) =>
+    new Promise((resolve, reject) => {
+      if (exited !== null) return reject(new Error('the agent has exited'));
+      const id = next++;
+      waiting.set(id, { resolve, reject });
+      p.stdin.write(encodeFrame(JSON.stringify({ id, ...req })));
+    });
+  const run = (code, extra = {}) => call({ op: 'run', code, timeout_ms: 10000, ...extra });
+  return { p, call, run, alive: () => exited === null };
+}
+
+test('a result far over the limit fails its request, not the sandbox', { timeout: 60000 }, async (t) => {
+  const a = agentProcess(t);
+  for (const code of [
+    'return function (cb) { cb(null, "x".repeat(100 << 20)) }',
+    'return function (cb) { cb(null, {a: [1, {b: "y".repeat(80 << 20)}]}) }',
+    'return function (cb) { const o = {}; o["k".repeat(1 << 20)] = 1; cb(null, o) }',
+  ]) {
+    const r = await a.run(code);
+    assert.equal(r.error && r.error.code, 'output_too_large', `${code}: ${JSON.stringify(r).slice(0, 300)}`);
+    assert.match(r.error.message, /over the limit of 524288/);
+  }
+  // Exactly at the limit passes; the limit counts bytes of JSON.
+  const ok = await a.run('return function (cb) { cb(null, "é".repeat(1000)) }', { max_result_bytes: 2002 });
+  assert.equal(ok.result, 'é'.repeat(1000));
+  const over = await a.run('return function (cb) { cb(null, "é".repeat(1000)) }', { max_result_bytes: 2001 });
+  assert.equal(over.error.code, 'output_too_large');
+  // Values left out of the JSON do not count against it.
+  const sparse = await a.run('return function (cb) { cb(null, {f: () => 1, u: undefined, ["x".repeat(5000)]: undefined, n: 1}) }', { max_result_bytes: 100 });
+  assert.deepEqual(sparse.result, { n: 1 });
+  assert.ok(a.alive());
+});
+
+test('a huge write to the console is cut without copying it', { timeout: 60000 }, async (t) => {
+  const a = agentProcess(t);
+  const r = await a.run('return function (cb) { process.stdout.write(Buffer.alloc(100 << 20, 0x41)); process.stderr.write("z".repeat(8 << 20)); cb(null, 1) }');
+  assert.equal(r.result, 1, JSON.stringify(r).slice(0, 300));
+  assert.equal(r.console_truncated, true);
+  assert.equal(r.console, 'A'.repeat(64 << 10));
+  const cut = await a.run('return function (cb) { process.stdout.write("ab"); process.stdout.write("☃☃☃"); cb(null, 1) }', { max_console_bytes: 6 });
+  assert.equal(cut.console, 'ab☃');
+  assert.ok(a.alive());
+});
