@@ -89,3 +89,17 @@ test('a huge write to the console is cut without copying it', { timeout: 60000 }
   assert.equal(cut.console, 'ab☃');
   assert.ok(a.alive());
 });
+
+test('console bytes are decoded as a stream: a character split across writes stays whole', { timeout: 60000 }, async (t) => {
+  const a = agentProcess(t);
+  const r = await a.run(`return function (cb) {
+    process.stdout.write(Buffer.from([0xf0, 0x9f]));
+    process.stdout.write(new Uint8Array([0x98, 0x80, 0x0a]));
+    process.stdout.write(Buffer.from([0xff, 0xe2, 0x98]));
+    console.log("after an incomplete character");
+    process.stdout.write(Buffer.from([0xc3]));
+    cb(null, 1);
+  }`);
+  assert.equal(r.console, '\u{1F600}\n\ufffd\ufffdafter an incomplete character\n\ufffd');
+  assert.ok(a.alive());
+});

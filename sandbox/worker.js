@@ -16,6 +16,7 @@ const { parentPort } = require('node:worker_threads');
 const { Console } = require('node:console');
 const { isBuiltin } = require('node:module');
 const EventEmitter = require('node:events');
+const { StringDecoder } = require('node:string_decoder');
 
 // Everything the runner needs, taken before any user code runs: a snippet
 // may overwrite globals of its Worker, and must then only break itself.
@@ -48,15 +49,25 @@ function capture(chunk) {
   if (req === null || req.truncated) return;
   let s;
   try {
-    if (typeof chunk === 'string') s = chunk;
-    else if (isBuffer(chunk) || chunk instanceof Uint8Array) {
+    if (isBuffer(chunk) || chunk instanceof Uint8Array) {
+      // Bytes go through a decoder of the request's, so that a character
+      // split across two writes comes out whole.
       const room = req.maxConsole - req.consoleBytes;
-      s = bufferFrom(chunk.buffer, chunk.byteOffset, Math.min(chunk.length, room + 4)).toString('utf8');
-    } else s = String(chunk);
+      if (req.decoder === null) req.decoder = new StringDecoder('utf8');
+      s = req.decoder.write(bufferFrom(chunk.buffer, chunk.byteOffset, Math.min(chunk.length, room + 4)));
+    } else {
+      s = pendingBytes(req) + (typeof chunk === 'string' ? chunk : String(chunk));
+    }
   } catch {
     return;
   }
   append(req, s);
+}
+
+// pendingBytes ends a character left incomplete by the last byte chunk
+// (as U+FFFD) before text written another way.
+function pendingBytes(req) {
+  return req.decoder === null ? '' : req.decoder.end();
 }
 
 function append(req, s) {
@@ -220,6 +231,7 @@ function settle(req, outcome) {
 function send(req) {
   if (req.sent) return;
   req.sent = true;
+  if (!req.truncated && req.decoder !== null) append(req, pendingBytes(req));
   current = null;
   const msg = req.outcome;
   msg.t = 'result';
@@ -264,6 +276,7 @@ function run(m) {
     maxConsole: m.maxConsole,
     console: [],
     consoleBytes: 0,
+    decoder: null, // for console output written as bytes
     truncated: false,
     settled: false,
     sent: false,
