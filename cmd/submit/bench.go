@@ -63,16 +63,11 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if *conc < 1 || *tenants < 1 || (*count <= 0 && *duration <= 0) {
 		return &exitError{2, errors.New("--concurrency, --tenants and --duration (or --count) must be positive")}
 	}
-	nc, err := cf.connect("isode-bench")
+	nc, c, closeAll, err := cf.dial("isode-bench")
 	if err != nil {
 		return err
 	}
-	defer nc.Close()
-	c, err := cf.client(nc)
-	if err != nil {
-		return &exitError{2, err}
-	}
-	defer c.Close()
+	defer closeAll()
 	progress := stderr
 	if *quiet {
 		progress = io.Discard

@@ -44,6 +44,16 @@ func (c *connFlags) connect(name string) (*nats.Conn, error) {
 	return nc, nil
 }
 
-func (c *connFlags) client(nc *nats.Conn) (*client.Client, error) {
-	return client.New(nc, client.WithPrefix(c.prefix), client.WithShards(c.shards))
+// dial connects and makes a client; close ends both.
+func (c *connFlags) dial(name string) (nc *nats.Conn, cl *client.Client, closeAll func(), err error) {
+	nc, err = c.connect(name)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	cl, err = client.New(nc, client.WithPrefix(c.prefix), client.WithShards(c.shards))
+	if err != nil {
+		nc.Close()
+		return nil, nil, nil, &exitError{2, err}
+	}
+	return nc, cl, func() { cl.Close(); nc.Close() }, nil
 }

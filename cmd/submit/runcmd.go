@@ -50,16 +50,11 @@ func runCmd(ctx context.Context, args []string, stdin io.Reader, stdout, stderr 
 	if *wait <= 0 {
 		*wait = *timeout + 30*time.Second
 	}
-	nc, err := cf.connect("isode-submit")
+	_, c, closeAll, err := cf.dial("isode-submit")
 	if err != nil {
 		return err
 	}
-	defer nc.Close()
-	c, err := cf.client(nc)
-	if err != nil {
-		return &exitError{2, err}
-	}
-	defer c.Close()
+	defer closeAll()
 	ctx, cancel := context.WithTimeout(ctx, *wait)
 	defer cancel()
 	res, err := c.Run(ctx, *tenant, code, opts...)
