@@ -20,6 +20,8 @@
 //   ISODE_MAX_FRAME_BYTES   largest frame this agent writes (default 2 MiB)
 //   ISODE_MAX_REQUEST_BYTES largest frame this agent accepts (default 4 MiB)
 //   ISODE_IDLE_TRIM_MS      idle time after which extra Workers end (default 30000)
+//   ISODE_KILL_LEFTOVERS    1: kill processes snippets left running, once
+//                           no request is in flight (set in containers only)
 // stderr carries the agent's own diagnostics, one line each.
 
 const fs = require('node:fs');
@@ -39,6 +41,11 @@ const DEFAULTS = {
   workerFile: path.join(__dirname, 'worker.js'),
   stuckMs: 5000,
   onStuck: () => {},
+  // sweep, when set, is called once the agent has had no request in flight
+  // for idleSweepMs, and again after each call that returns true: it kills
+  // what snippets left running (see killLeftovers).
+  sweep: null,
+  idleSweepMs: 100,
 };
 
 // --- framing ---------------------------------------------------------------
@@ -127,6 +134,7 @@ class Agent {
     this.stats = { runs: 0, timeouts: 0, replaced: 0, strays: 0, spawned: 0 };
     this.trimTimer = setInterval(() => this.trim(), Math.max(1000, this.o.idleTrimMs / 2));
     this.trimTimer.unref();
+    this.sweepTimer = null;
     this.spawn();
   }
 
@@ -376,6 +384,19 @@ class Agent {
       return;
     }
     this.send(json, req.id);
+    if (this.pending.size === 0) this.idle();
+  }
+
+  // idle arranges a sweep: processes a snippet started and left running
+  // must not run on while their tenant has no request in flight. Only then
+  // is every process but the agent's surely a leftover; a sweep that found
+  // some arranges another, for children forked meanwhile.
+  idle() {
+    if (this.o.sweep === null || this.sweepTimer !== null || this.closed) return;
+    this.sweepTimer = setTimeout(() => {
+      this.sweepTimer = null;
+      if (this.pending.size === 0 && !this.closed && this.o.sweep()) this.idle();
+    }, this.o.idleSweepMs);
   }
 
   // becomeReady answers the pings that waited for the first warm Worker.
@@ -409,6 +430,7 @@ class Agent {
   async close() {
     this.closed = true;
     clearInterval(this.trimTimer);
+    clearTimeout(this.sweepTimer);
     for (const req of this.pending.values()) clearTimeout(req.timer);
     await Promise.all([...this.slots].map((s) => s.worker.terminate().catch(() => {})));
   }
@@ -458,6 +480,51 @@ function privateStdio(log) {
   }
 }
 
+// killLeftovers kills every process of the container but Docker's init
+// (PID 1) and this agent, and reports whether it found any. The agent
+// starts no process of its own, and it is called only while no request is
+// in flight: any other process is one a snippet left running. A child of
+// this process whose worker thread was terminated can no longer be reaped
+// and stays a zombie, holding a pid of the container's limit: past
+// maxZombies the agent exits, idle, and the host makes a new sandbox.
+function killLeftovers(log, maxZombies) {
+  let names;
+  try {
+    names = fs.readdirSync('/proc');
+  } catch {
+    return false;
+  }
+  let killed = 0;
+  let zombies = 0;
+  for (const name of names) {
+    const pid = Number(name);
+    if (!/^[0-9]+$/.test(name) || pid === 1 || pid === process.pid) continue;
+    let stat;
+    try {
+      stat = fs.readFileSync(`/proc/${name}/stat`, 'latin1');
+    } catch {
+      continue; // gone meanwhile
+    }
+    const state = stat.charAt(stat.lastIndexOf(')') + 2);
+    if (state === 'Z' || state === 'X') {
+      zombies++;
+      continue;
+    }
+    try {
+      process.kill(pid, 'SIGKILL');
+      killed++;
+    } catch {
+      // gone meanwhile
+    }
+  }
+  if (killed > 0) log(`killed ${killed} processes left running by snippets`);
+  if (killed === 0 && zombies > maxZombies) {
+    log(`${zombies} zombie processes hold the sandbox's pids: exiting`);
+    process.exit(75);
+  }
+  return killed > 0;
+}
+
 function streamOf(fd, readable) {
   const st = fs.fstatSync(fd);
   if (st.isFIFO() || st.isSocket()) return new net.Socket({ fd, readable, writable: !readable });
@@ -496,7 +563,10 @@ function main() {
     log(`${why}: exiting`);
     process.exit(70);
   };
-  const agent = new Agent({ ...opts, write: (b) => output.write(b), log, onStuck });
+  // Only in a container (the host sets the variable, Docker's init is the
+  // parent): anywhere else, /proc lists processes that are not ours to kill.
+  const sweep = process.env.ISODE_KILL_LEFTOVERS === '1' && process.ppid === 1 ? () => killLeftovers(log, 8) : null;
+  const agent = new Agent({ ...opts, write: (b) => output.write(b), log, onStuck, sweep });
   input.on('data', (chunk) => {
     try {
       agent.feed(chunk);

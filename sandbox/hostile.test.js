@@ -103,3 +103,39 @@ test('console bytes are decoded as a stream: a character split across writes sta
   assert.equal(r.console, '\u{1F600}\n\ufffd\ufffdafter an incomplete character\n\ufffd');
   assert.ok(a.alive());
 });
+
+test('leftover processes are swept only while no request is in flight', { timeout: 30000 }, async (t) => {
+  const { Agent } = require('./agent.js');
+  const sweeps = [];
+  let found = 2; // the first two sweeps find leftovers, so each asks for another
+  const replies = new Map();
+  const dec = new FrameDecoder(1 << 20, (b) => {
+    const m = JSON.parse(b.toString('utf8'));
+    replies.get(m.id)(m);
+  });
+  const agent = new Agent({
+    write: (b) => dec.push(b),
+    idleSweepMs: 50,
+    sweep: () => {
+      sweeps.push({ at: Date.now(), inFlight: agent.pending.size });
+      return found-- > 0;
+    },
+  });
+  t.after(() => agent.close());
+  const run = (id, code) =>
+    new Promise((resolve) => {
+      replies.set(id, resolve);
+      agent.feed(encodeFrame(JSON.stringify({ id, op: 'run', code, timeout_ms: 5000 })));
+    });
+  const long = run(1, 'return function (cb) { setTimeout(() => cb(null, "long"), 600) }');
+  assert.equal((await run(2, 'return function (cb) { cb(null, "short") }')).result, 'short');
+  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+  await sleep(300); // several idle periods would have passed, but one request runs
+  assert.deepEqual(sweeps, [], 'swept while a request was in flight');
+  assert.equal((await long).result, 'long');
+  const done = Date.now();
+  await sleep(500);
+  assert.equal(sweeps.length, 3, JSON.stringify(sweeps)); // two that found leftovers, one that did not
+  for (const s of sweeps) assert.equal(s.inFlight, 0);
+  assert.ok(sweeps[0].at - done >= 40, 'swept before the agent was idle for idleSweepMs');
+});

@@ -30,6 +30,9 @@ func containerSpec(c *Config, tenant string) (*container.Config, *container.Host
 			"ISODE_WORKER_HEAP_MB=" + strconv.Itoa(c.WorkerHeapMB),
 			"ISODE_MAX_FRAME_BYTES=" + strconv.Itoa(c.MaxFrameBytes),
 			"ISODE_MAX_REQUEST_BYTES=" + strconv.Itoa(c.MaxRequestBytes),
+			// Processes a snippet leaves running are killed once its
+			// tenant has no request in flight (sandbox/agent.js).
+			"ISODE_KILL_LEFTOVERS=1",
 		},
 		Labels: labels,
 		// The protocol: attached stdin and stdout, no TTY. StdinOnce closes
