@@ -2,6 +2,8 @@ package fleet
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"strconv"
@@ -40,14 +42,15 @@ func (w *Worker) handle(msg jetstream.Msg, shard int) {
 	}
 
 	// A redelivery of a request this worker answered already: answer again.
-	if c, ok := w.cache.get(id, time.Now()); ok {
+	key := messageKey(msg, id)
+	if c, ok := w.cache.get(key, time.Now()); ok {
 		w.publish(replyTo, c.header, c.reply)
 		w.ack(msg)
 		ev.Str("outcome", "replayed").Dur("took", time.Since(began)).Msg("request")
 		return
 	}
 	// A redelivery of a request still running here: wait for it.
-	if done, running := w.joinInflight(id); running {
+	if done, running := w.joinInflight(key); running {
 		stop := w.keepAlive(msg)
 		select {
 		case <-done:
@@ -56,7 +59,7 @@ func (w *Worker) handle(msg jetstream.Msg, shard int) {
 			return
 		}
 		stop()
-		c, ok := w.cache.get(id, time.Now())
+		c, ok := w.cache.get(key, time.Now())
 		if !ok {
 			// The first delivery was handed back unanswered: so is this one.
 			w.nak(msg, w.cfg.RetryDelay)
@@ -67,7 +70,7 @@ func (w *Worker) handle(msg jetstream.Msg, shard int) {
 		ev.Str("outcome", "joined").Dur("took", time.Since(began)).Msg("request")
 		return
 	}
-	defer w.leaveInflight(id)
+	defer w.leaveInflight(key)
 
 	req, err := protocol.DecodeRequest(msg.Data())
 	if err != nil {
@@ -157,7 +160,7 @@ func (w *Worker) answer(msg jetstream.Msg, replyTo, id string, runErr error, res
 		hdr.Set(protocol.HeaderServiceErrorCode, rep.Error.Code.StatusString())
 	}
 	if id != "" {
-		w.cache.put(&cached{id: id, reply: data, header: hdr}, time.Now())
+		w.cache.put(&cached{id: messageKey(msg, id), reply: data, header: hdr}, time.Now())
 	}
 	w.publish(replyTo, hdr, data)
 	outcome := "ok"
@@ -290,6 +293,19 @@ func (w *Worker) deadline(msg jetstream.Msg, req *protocol.Request) (time.Time, 
 		return time.Time{}, protocol.Errorf(protocol.CodeBadRequest, "header %s is %q, want Unix milliseconds", protocol.HeaderDeadline, v)
 	}
 	return time.UnixMilli(ms), nil
+}
+
+// messageKey names a request for the reply cache and the runs in flight:
+// its id and a digest of its body. A redelivery, or a client's retry of
+// the same request, has both and is answered with the first reply. A
+// different request that reuses an id (another tenant's, once the
+// stream's duplicate window has passed) has another body, and must never
+// be answered with the reply meant for the first. A body that matches
+// carries the same isolate key, which already grants running code in
+// that tenant's sandbox: the cache gives away nothing more.
+func messageKey(msg jetstream.Msg, id string) string {
+	sum := sha256.Sum256(msg.Data())
+	return id + "@" + hex.EncodeToString(sum[:16])
 }
 
 // joinInflight registers id as running here, or returns the channel of the
