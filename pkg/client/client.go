@@ -234,6 +234,12 @@ func (c *Client) Run(ctx context.Context, isolateKey, code string, opts ...RunOp
 	if err != nil {
 		return nil, fmt.Errorf("encode request: %w", err)
 	}
+	if len(data) > protocol.MaxRequestBytes {
+		// Code within MaxCodeBytes can still encode larger: JSON escapes
+		// each control character as 6 bytes. Past the limit the stream or
+		// NATS would refuse it with an error that is no *protocol.Error.
+		return nil, protocol.Errorf(protocol.CodeBadRequest, "the request is %d bytes encoded, over the limit of %d (JSON escapes each control character in the code as 6 bytes)", len(data), protocol.MaxRequestBytes)
+	}
 	if _, ok := ctx.Deadline(); !ok {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, o.timeout+30*time.Second)
