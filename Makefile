@@ -39,6 +39,30 @@ bench: build sandbox-image
 	BIN=$(BIN) ./scripts/bench-worker.sh "$(BENCH_WORKER)" --scenario warm --tenants 50 --concurrency 32 --duration 15s
 	BIN=$(BIN) ./scripts/bench-worker.sh "$(BENCH_WORKER) --stream-memory" --scenario warm --tenants 50 --concurrency 32 --duration 15s
 
+# The fleet benchmarks: submit bench against 1, 2 and 3 worker processes, and
+# failover time over 10 SIGKILLs (cmd/worker/fleet_bench_test.go).
+.PHONY: bench-fleet
+bench: bench-fleet
+bench-fleet: sandbox-image
+	set -o pipefail; $(GO) test -run '^$$' -bench 'Fleet' -benchtime 1x -timeout 30m -v ./cmd/worker/ | grep -v '^ *{'
+
+# The Compose deployment (deploy/README.md): images built locally FROM
+# scratch, NATS and WORKERS workers; compose-down leaves nothing behind.
+WORKERS ?= 3
+.PHONY: images compose-up compose-down compose-demo
+images: sandbox-image
+	./scripts/build-images.sh
+
+compose-up: images
+	./scripts/compose.sh up -d --scale worker=$(WORKERS)
+
+compose-down:
+	./scripts/compose.sh down -v --remove-orphans -t 30
+
+# Up, the original examples through submit, stats, down, nothing left.
+compose-demo: images
+	ISODE_SKIP_BUILD=1 WORKERS=$(WORKERS) ./scripts/compose-demo.sh
+
 # Removes every container isode made on this engine (running or not).
 clean:
 	-docker ps -aq --filter label=io.isode.app=isode | xargs -r docker rm -f

@@ -195,7 +195,7 @@ type fleetProc struct {
 
 // testFleet is a test's NATS server, Docker engine and worker processes.
 type testFleet struct {
-	t     *testing.T
+	t     testing.TB
 	nats  *deployNATS
 	cli   *client.Client
 	image string
@@ -204,7 +204,7 @@ type testFleet struct {
 	ops   *nats.Conn
 }
 
-func newFleet(t *testing.T) *testFleet {
+func newFleet(t testing.TB) *testFleet {
 	t.Helper()
 	cli := testenv.Docker(t)
 	img := testenv.Image(t, cli)
@@ -285,7 +285,7 @@ func (p *fleetProc) tail(n int) string {
 	return strings.Join(lines[max(0, len(lines)-n):], "\n")
 }
 
-func (p *fleetProc) waitReady(t *testing.T, timeout time.Duration) {
+func (p *fleetProc) waitReady(t testing.TB, timeout time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for !strings.Contains(p.log(), `"worker ready"`) {
@@ -300,7 +300,7 @@ func (p *fleetProc) waitReady(t *testing.T, timeout time.Duration) {
 }
 
 // kill sends SIGKILL and waits for the process to be gone.
-func (p *fleetProc) kill(t *testing.T) {
+func (p *fleetProc) kill(t testing.TB) {
 	t.Helper()
 	if err := p.cmd.Process.Signal(syscall.SIGKILL); err != nil && !p.exited() {
 		t.Fatalf("kill %s: %v", p.id, err)
@@ -309,7 +309,7 @@ func (p *fleetProc) kill(t *testing.T) {
 }
 
 // term sends SIGTERM (a graceful leave) without waiting.
-func (p *fleetProc) term(t *testing.T) {
+func (p *fleetProc) term(t testing.TB) {
 	t.Helper()
 	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil && !p.exited() {
 		t.Fatalf("SIGTERM %s: %v", p.id, err)
@@ -328,7 +328,7 @@ func (p *fleetProc) waitExit(timeout time.Duration) (error, bool) {
 }
 
 // stop ends a process this test started: SIGTERM, then SIGKILL after 30s.
-func (p *fleetProc) stop(t *testing.T) {
+func (p *fleetProc) stop(t testing.TB) {
 	if p.exited() {
 		return
 	}
@@ -508,7 +508,7 @@ type fleetRequest struct {
 // A fleetRequest counts as accepted when the stream acknowledged its publish;
 // each accepted fleetRequest must get an answer.
 type fleetLoad struct {
-	t       *testing.T
+	t       testing.TB
 	nc      *nats.Conn
 	js      jetstream.JetStream
 	inbox   string
