@@ -268,9 +268,17 @@ func BenchmarkFleetFailover(b *testing.B) {
 	var failovers, reowned []time.Duration
 	b.ResetTimer()
 	for i := 0; i < kills; i++ {
-		base := l.answered()
-		l.waitFor(60*time.Second, "no load before the kill", func(rs []*fleetRequest) bool { return answeredCount(rs) >= base+30 })
-		victim := alive[i%len(alive)]
+		// The victim: whoever served the most since the fleet last settled
+		// (one whose shards hold none of the tenants would prove nothing).
+		since := time.Now()
+		l.waitFor(60*time.Second, "no load before the kill", func(rs []*fleetRequest) bool {
+			_, n := busiest(rs, idsOf(alive), since)
+			return n >= 10
+		})
+		l.mu.Lock()
+		victimID, _ := busiest(l.all, idsOf(alive), since)
+		l.mu.Unlock()
+		victim := alive[slices.Index(idsOf(alive), victimID)]
 		dead := own.of(victim.id)
 		killAt := time.Now()
 		victim.kill(b)
