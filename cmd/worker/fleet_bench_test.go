@@ -6,6 +6,7 @@ package main
 // Run them with -benchtime 1x: each measures for a fixed time, not b.N.
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -121,18 +122,28 @@ func (f *testFleet) sandboxCPU(ids []string) map[string]uint64 {
 			f.t.Logf("list sandboxes: %v", err)
 			continue
 		}
+		var mu sync.Mutex
+		var wg sync.WaitGroup
 		for _, c := range list {
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-			r, err := f.cli.ContainerStatsOneShot(ctx, c.ID)
-			if err == nil {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				defer cancel()
+				r, err := f.cli.ContainerStatsOneShot(ctx, c.ID)
+				if err != nil {
+					return
+				}
+				defer r.Body.Close()
 				var st container.StatsResponse
 				if json.NewDecoder(r.Body).Decode(&st) == nil {
+					mu.Lock()
 					out[c.ID] = st.CPUStats.CPUUsage.TotalUsage
+					mu.Unlock()
 				}
-				r.Body.Close()
-			}
-			cancel()
+			}()
 		}
+		wg.Wait()
 	}
 	return out
 }
@@ -147,6 +158,53 @@ func cpuSince(before, after map[string]uint64) time.Duration {
 	}
 	return time.Duration(ns)
 }
+
+// cpuSample is the CPU time used so far, by part; a difference of two is
+// the CPU used in between.
+type cpuSample struct {
+	at                               time.Time
+	busy, total                      time.Duration // the machine, all cores
+	workers, harness, submit, engine time.Duration
+	sandboxes                        time.Duration // of the difference only
+	sandboxByID                      map[string]uint64
+}
+
+const tick = 10 * time.Millisecond // USER_HZ: /proc counts CPU in 1/100 s
+
+func (f *testFleet) cpuSample(ps []*fleetProc, submitPid int) *cpuSample {
+	var ids []string
+	var workers int64
+	for _, p := range ps {
+		ids = append(ids, p.id)
+		workers += cpuTicks(p.cmd.Process.Pid)
+	}
+	c := &cpuSample{sandboxByID: f.sandboxCPU(ids)}
+	busy, total := machineTicks()
+	c.at = time.Now()
+	c.busy, c.total = time.Duration(busy)*tick, time.Duration(total)*tick
+	c.workers = time.Duration(workers) * tick
+	c.harness = time.Duration(cpuTicks(os.Getpid())) * tick
+	c.submit = time.Duration(cpuTicks(submitPid)) * tick
+	c.engine = time.Duration(ticksOf("dockerd", "containerd")) * tick
+	return c
+}
+
+type cpuDiff struct {
+	cpuSample
+	wall time.Duration
+}
+
+func (c *cpuSample) minus(before *cpuSample) cpuDiff {
+	return cpuDiff{wall: c.at.Sub(before.at), cpuSample: cpuSample{
+		busy: c.busy - before.busy, total: c.total - before.total,
+		workers: c.workers - before.workers, harness: c.harness - before.harness,
+		submit: c.submit - before.submit, engine: c.engine - before.engine,
+		sandboxes: cpuSince(before.sandboxByID, c.sandboxByID),
+	}}
+}
+
+// pct is d as a share of the machine (every core) over the interval.
+func (d cpuDiff) pct(v time.Duration) float64 { return 100 * float64(v) / float64(d.total) }
 
 // BenchmarkFleetThroughput: `submit bench --scenario warm` (48 tenants, 32
 // callers, 15 s) against 1, 2 and 3 worker processes sharing this machine
@@ -168,53 +226,43 @@ func BenchmarkFleetThroughput(b *testing.B) {
 			}
 			f.steady(ids, 30*time.Second)
 
+			// Without --quiet, submit prints a progress line a second; the
+			// first one of the measurement ("[warm (48 tenants)] ...") marks
+			// the end of the warm-up, which cold-starts 48 sandboxes and is
+			// kept out of the CPU figures.
 			cmd := exec.Command(submit, "bench", "--nats", f.nats.url("app"), "--scenario", "warm",
-				"--tenants", "48", "--concurrency", "32", "--duration", "15s", "--no-baseline", "--json", "--quiet")
-			var out, errOut bytes.Buffer
-			cmd.Stdout, cmd.Stderr = &out, &errOut
-			// CPU is sampled around the whole run, warm-up included; the
-			// warm-up is short next to the 15 s measurement.
-			sandboxes0 := f.sandboxCPU(ids)
-			engine0 := ticksOf("dockerd", "containerd")
-			busy0, total0 := machineTicks()
-			self0 := cpuTicks(os.Getpid())
-			workers0 := int64(0)
-			for _, p := range ps {
-				workers0 += cpuTicks(p.cmd.Process.Pid)
+				"--tenants", "48", "--concurrency", "32", "--duration", "15s", "--no-baseline", "--json",
+				"--timeout", "30s") // the warm-up cold-starts 48 sandboxes at once on a busy machine
+			var out bytes.Buffer
+			cmd.Stdout = &out
+			progress, err := cmd.StderrPipe()
+			if err != nil {
+				b.Fatal(err)
 			}
 			b.ResetTimer()
 			if err := cmd.Start(); err != nil {
 				b.Fatal(err)
 			}
-			submitPid := cmd.Process.Pid
-			var submitCPU int64
-			done := make(chan error, 1)
-			go func() { done <- cmd.Wait() }()
-			var err error
-		wait:
-			for {
-				select {
-				case err = <-done:
-					break wait
-				case <-time.After(200 * time.Millisecond):
-					if c := cpuTicks(submitPid); c > 0 {
-						submitCPU = c
-					}
+			var errOut strings.Builder
+			var c0 *cpuSample
+			sc := bufio.NewScanner(progress)
+			for sc.Scan() {
+				errOut.WriteString(sc.Text() + "\n")
+				if c0 == nil && strings.HasPrefix(sc.Text(), "[warm (") {
+					c0 = f.cpuSample(ps, cmd.Process.Pid)
 				}
 			}
+			// Sampled just before the process ends: its last progress line
+			// comes a second before the end at most.
+			c1 := f.cpuSample(ps, cmd.Process.Pid)
+			err = cmd.Wait()
 			b.StopTimer()
 			if err != nil {
 				b.Fatalf("submit bench: %v\n%s", err, errOut.String())
 			}
-			busy1, total1 := machineTicks()
-			engine1 := ticksOf("dockerd", "containerd")
-			workers1 := int64(0)
-			for _, p := range ps {
-				workers1 += cpuTicks(p.cmd.Process.Pid)
+			if c0 == nil {
+				b.Fatalf("submit bench printed no progress line of the measurement:\n%s", errOut.String())
 			}
-			self1 := cpuTicks(os.Getpid())
-			sandboxes := cpuSince(sandboxes0, f.sandboxCPU(ids))
-
 			var rep struct {
 				Results []struct {
 					Name      string           `json:"name"`
@@ -231,18 +279,15 @@ func BenchmarkFleetThroughput(b *testing.B) {
 			b.ReportMetric(r.PerSecond, "runs/s")
 			b.ReportMetric(float64(r.Latency["p50"])/1000, "p50-ms")
 			b.ReportMetric(float64(r.Latency["p99"])/1000, "p99-ms")
-			busy, total := float64(busy1-busy0), float64(total1-total0)
-			share := func(ticks int64) float64 { return 100 * float64(ticks) / total }
-			machine := 100 * busy / total
-			b.ReportMetric(machine, "%cpu-busy")
-			// Clock ticks are 1/100 s (USER_HZ); total counts every core.
-			sandboxShare := 100 * float64(sandboxes) / float64(time.Duration(total)*10*time.Millisecond)
-			ours := share(workers1-workers0) + share(self1-self0) + share(submitCPU) + sandboxShare + share(engine1-engine0)
-			b.ReportMetric(sandboxShare, "%cpu-sandboxes")
-			b.ReportMetric(share(engine1-engine0), "%cpu-engine")
-			b.Logf("%d workers: %.0f runs/s, p50 %.2f ms, p99 %.2f ms, errors %v; CPU of the whole machine (%d cores): busy %.0f%% = workers %.0f%% + NATS and harness %.0f%% + submit %.0f%% + sandboxes %.0f%% + dockerd/containerd/shims %.0f%% + kernel and other processes %.0f%%",
+			d := c1.minus(c0)
+			b.ReportMetric(d.pct(d.busy), "%cpu-busy")
+			b.ReportMetric(d.pct(d.sandboxes), "%cpu-sandboxes")
+			b.ReportMetric(d.pct(d.engine), "%cpu-engine")
+			rest := d.busy - d.workers - d.harness - d.submit - d.sandboxes - d.engine
+			b.Logf("%d workers: %.0f runs/s, p50 %.2f ms, p99 %.2f ms, errors %v; CPU of the whole machine (%d cores) while measuring: busy %.0f%% = workers %.0f%% + NATS and harness %.0f%% + submit %.0f%% + sandboxes %.0f%% (%.2f ms a run) + dockerd/containerd/shims %.0f%% + kernel and other processes %.0f%%",
 				n, r.PerSecond, float64(r.Latency["p50"])/1000, float64(r.Latency["p99"])/1000, r.Errors, runtime.NumCPU(),
-				machine, share(workers1-workers0), share(self1-self0), share(submitCPU), sandboxShare, share(engine1-engine0), machine-ours)
+				d.pct(d.busy), d.pct(d.workers), d.pct(d.harness), d.pct(d.submit), d.pct(d.sandboxes),
+				float64(d.sandboxes)/float64(time.Millisecond)/(r.PerSecond*d.wall.Seconds()), d.pct(d.engine), d.pct(rest))
 		})
 	}
 }
