@@ -248,9 +248,10 @@ func (s *Sandbox) wedged(id uint64, wait time.Duration) {
 	if !ok {
 		return // answered meanwhile, or the sandbox ended: c.ch has it
 	}
+	// Gone first, told second: see end.
+	s.end(protocol.Errorf(protocol.CodeSandboxCrashed, "the sandbox stopped answering (paused or wedged) and was closed"), true)
 	c.ch <- outcome{err: protocol.Errorf(protocol.CodeTimeout,
 		"the sandbox did not answer within %v (it is paused or wedged) and was closed", wait.Round(time.Millisecond))}
-	s.end(protocol.Errorf(protocol.CodeSandboxCrashed, "the sandbox stopped answering (paused or wedged) and was closed"), true)
 }
 
 // abandon leaves a call whose caller went away pending, so that its reply
@@ -311,6 +312,10 @@ func (s *Sandbox) end(reason *protocol.Error, removeAsync bool) bool {
 	conn := s.conn
 	s.mu.Unlock()
 
+	// Done is closed before any caller hears of the end: a caller that
+	// learns its run failed must find the sandbox gone, or its owner
+	// (the pool) hands the dead sandbox to the tenant's next request.
+	close(s.done)
 	for _, c := range pending {
 		if c.wedge != nil {
 			c.wedge.Stop()
@@ -320,7 +325,6 @@ func (s *Sandbox) end(reason *protocol.Error, removeAsync bool) bool {
 	if conn != nil {
 		_ = conn.Close()
 	}
-	close(s.done)
 	if reason != nil {
 		s.mu.Lock()
 		stderr := lastLine(s.stderr.String(), 300)
