@@ -233,6 +233,7 @@ func (f *testFleet) start(name string, args ...string) *fleetProc {
 		"--low", "1", "--high", "6", "--grace", "10s", "--log-format", "json", "--log-level", level}, args...)
 	cmd := exec.Command(f.bin, all...)
 	cmd.Stdout, cmd.Stderr = logf, logf
+	dieWithTest(cmd)
 	if err := cmd.Start(); err != nil {
 		logf.Close()
 		f.t.Fatalf("start worker %s: %v", id, err)
