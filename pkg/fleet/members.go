@@ -43,9 +43,13 @@ func (w *Worker) membersBucket(ctx context.Context) (jetstream.KeyValue, error) 
 		Storage:     jetstream.FileStorage, // memory streams do not survive a server restart
 		Replicas:    w.cfg.StreamReplicas,
 	}
-	kv, err := w.js.CreateKeyValue(ctx, cfg)
-	if errors.Is(err, jetstream.ErrBucketExists) {
-		kv, err = w.js.KeyValue(ctx, cfg.Bucket)
+	// Look first, as for the request stream (see ensureStream).
+	kv, err := w.js.KeyValue(ctx, cfg.Bucket)
+	if errors.Is(err, jetstream.ErrBucketNotFound) {
+		kv, err = w.js.CreateKeyValue(ctx, cfg)
+		if errors.Is(err, jetstream.ErrBucketExists) {
+			kv, err = w.js.KeyValue(ctx, cfg.Bucket)
+		}
 	}
 	if err != nil {
 		return nil, fmt.Errorf("members bucket %s: %w", cfg.Bucket, err)
@@ -188,6 +192,7 @@ func (w *Worker) membership(ctx context.Context, kv jetstream.KeyValue, ready ch
 	defer tick.Stop()
 	nextBeat := time.Now().Add(w.cfg.Heartbeat)
 	initial := true // the watcher first replays the current keys, then sends nil
+	reconnects := w.nc.Stats().Reconnects
 	for {
 		select {
 		case <-ctx.Done():
@@ -221,6 +226,15 @@ func (w *Worker) membership(ctx context.Context, kv jetstream.KeyValue, ready ch
 				reconcile()
 			}
 		case <-tick.C:
+			// After a reconnect the watcher's consumer may be gone (a
+			// restarted server), which it would notice only after missed
+			// heartbeats, 10-20 s during which every worker believes it is
+			// alone: watch afresh, dating the replay by the server as at start.
+			if r := w.nc.Stats().Reconnects; r != reconnects && w.nc.IsConnected() {
+				reconnects = r
+				watch()
+				initial = updates != nil
+			}
 			if updates == nil {
 				watch()
 			}

@@ -53,14 +53,20 @@ func (c *Config) streamConfig() jetstream.StreamConfig {
 // operator's tuning of an existing stream (limits, replicas).
 func ensureStream(ctx context.Context, js jetstream.JetStream, c *Config) (jetstream.Stream, error) {
 	want := c.streamConfig()
-	s, err := js.CreateStream(ctx, want)
-	if err == nil {
-		return s, nil
+	// Look first: creating an existing stream is checked against the
+	// account's storage limits before the server notices it exists, so a
+	// second worker could be refused for "insufficient resources".
+	s, err := js.Stream(ctx, want.Name)
+	if errors.Is(err, jetstream.ErrStreamNotFound) {
+		s, err = js.CreateStream(ctx, want)
+		if err == nil {
+			return s, nil
+		}
+		if !errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
+			return nil, fmt.Errorf("create stream %s: %w", want.Name, err)
+		}
+		s, err = js.Stream(ctx, want.Name) // another worker made it meanwhile
 	}
-	if !errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
-		return nil, fmt.Errorf("create stream %s: %w", want.Name, err)
-	}
-	s, err = js.Stream(ctx, want.Name)
 	if err != nil {
 		return nil, fmt.Errorf("look up stream %s: %w", want.Name, err)
 	}
