@@ -34,6 +34,9 @@ type Config struct {
 	AckWait time.Duration
 	// FetchWait is the expiry of each pull request.
 	FetchWait time.Duration
+	// PullHeartbeat is the idle heartbeat of each shard's pull: a pull
+	// silent for two of them is renewed.
+	PullHeartbeat time.Duration
 	// PullBuffer is how many requests of one shard the client library may
 	// hold ahead of the worker taking them. At capacity the worker exceeds
 	// Capacity by at most this much per owned shard.
@@ -84,6 +87,7 @@ func DefaultConfig() Config {
 		Capacity:        256,
 		AckWait:         5 * time.Second,
 		FetchWait:       10 * time.Second,
+		PullHeartbeat:   time.Second,
 		PullBuffer:      2,
 		MaxDeliver:      -1,
 		StreamMaxMsgs:   100_000,
@@ -118,6 +122,8 @@ func (c *Config) Validate() error {
 		return bad("ack wait", "%v must be at least 1s", c.AckWait)
 	case c.FetchWait < time.Second:
 		return bad("fetch wait", "%v must be at least 1s", c.FetchWait)
+	case c.PullHeartbeat <= 0 || c.PullHeartbeat > c.FetchWait/2:
+		return bad("pull heartbeat", "%v must be positive and at most half the fetch wait %v", c.PullHeartbeat, c.FetchWait)
 	case c.PullBuffer < 1:
 		return bad("pull buffer", "%d must be at least 1", c.PullBuffer)
 	case c.MaxDeliver < 1 && c.MaxDeliver != -1:

@@ -39,6 +39,12 @@ func (w *Worker) pull(ctx context.Context, shard int, cons jetstream.Consumer) {
 		it, err := cons.Messages(
 			jetstream.PullMaxMessages(w.cfg.PullBuffer),
 			jetstream.PullExpiry(w.cfg.FetchWait),
+			// When many requests are handed back (nak), the iterator can
+			// believe a pull is still open after the server has finished it,
+			// and takes nothing more until a heartbeat is missed: with the
+			// default (half the expiry) a flooded shard stalled for 10 s.
+			// A short heartbeat bounds such a stall to about two of them.
+			jetstream.PullHeartbeat(w.cfg.PullHeartbeat),
 		)
 		if err != nil {
 			log.Warn().Err(err).Msg("pull requests")
