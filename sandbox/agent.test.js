@@ -133,12 +133,15 @@ test('requests beyond the concurrency wait for a Worker', async (t) => {
   assert.equal(st.result.workers, 2);
 });
 
-test('a Worker that termination cannot reach makes the agent give up', async (t) => {
+test('a Worker that termination cannot reach makes the agent give up', { timeout: 30000 }, async (t) => {
   let stuck = null;
   const h = harness({ stuckMs: 300, onStuck: (why) => (stuck = why) });
   t.after(() => h.agent.close());
-  // A synchronous child process blocks the thread in native code.
-  const r = await h.runCode('return function (cb) { require("child_process").execFileSync(process.execPath, ["-e", "setTimeout(() => {}, 1500)"]) }', { timeout_ms: 200 });
+  // A synchronous child process blocks the thread in native code. The
+  // deadline leaves the thread time to get there even on a loaded machine
+  // (terminated earlier, it would stop normally and nothing would be stuck),
+  // and the child outlives the deadline plus stuckMs by far.
+  const r = await h.runCode('return function (cb) { require("child_process").execFileSync(process.execPath, ["-e", "setTimeout(() => {}, 8000)"]) }', { timeout_ms: 1500 });
   assert.equal(r.error.code, 'timeout');
   await new Promise((resolve) => {
     const check = () => (stuck !== null ? resolve() : setTimeout(check, 20));

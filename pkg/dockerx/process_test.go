@@ -18,7 +18,11 @@ import (
 // host's node, so that `go test ./...` covers them too.
 func TestAgentUnit(t *testing.T) {
 	node := testenv.Node(t)
-	cmd := exec.Command(node, "--test", "../../sandbox/")
+	// Bounded, so that a hung agent test fails this one instead of the
+	// whole package at go test's timeout.
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, node, "--test", "--test-timeout=60000", "../../sandbox/")
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		t.Fatalf("node --test sandbox/: %v\n%s", err, out)

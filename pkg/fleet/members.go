@@ -109,7 +109,9 @@ func (w *Worker) membership(ctx context.Context, kv jetstream.KeyValue, ready ch
 	first := true
 
 	beat := func() {
-		pctx, cancel := context.WithTimeout(ctx, w.cfg.Heartbeat)
+		// A put may take longer than a heartbeat on a saturated machine;
+		// failing it early would make the worker drop its shards for nothing.
+		pctx, cancel := context.WithTimeout(ctx, max(w.cfg.Heartbeat, w.cfg.MemberTTL/2))
 		defer cancel()
 		if _, err := kv.Put(pctx, self, value); err != nil {
 			if ctx.Err() == nil {
