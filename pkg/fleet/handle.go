@@ -116,7 +116,7 @@ func (w *Worker) handle(msg jetstream.Msg, shard int) {
 	case errors.Is(err, protocol.ErrOverloaded):
 		// This tenant's queue here is full: let the stream hold the request
 		// and offer it again shortly, so other tenants keep flowing.
-		w.nak(msg, w.cfg.RetryDelay)
+		w.nak(msg, w.retryDelay(msg))
 		ev.Str("outcome", "deferred").Msg("request")
 		return
 	case errors.Is(err, context.DeadlineExceeded):
@@ -173,6 +173,17 @@ func (w *Worker) answer(msg jetstream.Msg, replyTo, id string, runErr error, res
 		w.ack(msg)
 	}
 	ev.Str("outcome", outcome).Dur("run", runTime).Dur("took", time.Since(began)).Msg("request")
+}
+
+// retryDelay is how long a handed-back request waits before it is offered
+// again: RetryDelay, doubling with each delivery up to 8 times that, so a
+// flooding tenant's surplus does not churn through the stream.
+func (w *Worker) retryDelay(msg jetstream.Msg) time.Duration {
+	n := uint64(1)
+	if md, err := msg.Metadata(); err == nil && md.NumDelivered > 0 {
+		n = md.NumDelivered
+	}
+	return w.cfg.RetryDelay << min(n-1, 3)
 }
 
 func (w *Worker) publish(subject string, hdr nats.Header, data []byte) {
