@@ -208,7 +208,7 @@ func TestDockerIdleRecycleRefillsToLow(t *testing.T) {
 	const low, tenants = 2, 3
 	cfg := dockerConfig()
 	cfg.Low, cfg.High = low, 4
-	cfg.IdleTimeout = time.Second
+	cfg.IdleTimeout = 2 * time.Second
 	d := newDockerPool(t, cfg)
 	d.waitStats("L free containers", time.Minute, func(s pool.Stats) bool { return s.Free == low && quiet(s) })
 	free := d.containers()
@@ -220,10 +220,11 @@ func TestDockerIdleRecycleRefillsToLow(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	// High 4: three assigned and one refill.
+	// High 4: three assigned and one refill. On a loaded machine the first
+	// tenants may already have idled out while the last one cold-started.
 	s := d.Stats()
-	if s.Assigned != tenants || s.PoolHits != low || s.ColdStarts != tenants-low {
-		t.Fatalf("stats %+v, want %d assigned (%d pool hits)", s, tenants, low)
+	if s.Assigned+int(s.IdleRecycles) != tenants || s.PoolHits != low || s.ColdStarts != tenants-low {
+		t.Fatalf("stats %+v, want %d assigned or recycled (%d pool hits)", s, tenants, low)
 	}
 
 	s = d.waitStats("idle containers recycled and L free", time.Minute, func(s pool.Stats) bool {
