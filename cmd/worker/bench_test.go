@@ -15,8 +15,8 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/isode-run/isode/internal/testenv"
-	"github.com/isode-run/isode/pkg/dockerx"
 	isode "github.com/isode-run/isode/pkg/client"
+	"github.com/isode-run/isode/pkg/dockerx"
 )
 
 // BenchmarkWorkerMemory measures the resident memory of a worker process

@@ -21,8 +21,8 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/isode-run/isode/internal/testenv"
-	"github.com/isode-run/isode/pkg/dockerx"
 	isode "github.com/isode-run/isode/pkg/client"
+	"github.com/isode-run/isode/pkg/dockerx"
 	"github.com/isode-run/isode/pkg/protocol"
 )
 

@@ -554,6 +554,9 @@ func (f *testFleet) startLoad(callers int, tenants []string) *fleetLoad {
 func (l *fleetLoad) deliver(m *nats.Msg) {
 	id := strings.TrimPrefix(m.Subject, l.inbox)
 	at := time.Now()
+	if m.Reply != "" {
+		m.Respond(nil) // confirm the reply (protocol.HeaderReplyAck)
+	}
 	var rep protocol.Reply
 	err := json.Unmarshal(m.Data, &rep)
 	l.mu.Lock()
@@ -603,6 +606,7 @@ func (l *fleetLoad) caller(c int) {
 		m.Header.Set(protocol.HeaderMsgID, r.id)
 		m.Header.Set(protocol.HeaderReplyTo, l.inbox+r.id)
 		m.Header.Set(protocol.HeaderDeadline, strconv.FormatInt(time.Now().Add(2*time.Minute).UnixMilli(), 10))
+		m.Header.Set(protocol.HeaderReplyAck, "1")
 		l.mu.Lock()
 		l.byID[r.id] = r
 		l.all = append(l.all, r)

@@ -91,6 +91,7 @@ func TestNATSPermissions(t *testing.T) {
 	}{
 		{"app reads the requests workers pull", app, appErrs, "_ISODE_WORKER.>", sub(app, "_ISODE_WORKER.>")},
 		{"app reads the request subjects", app, appErrs, "isode.run.>", sub(app, "isode.run.>")},
+		{"app reads reply confirmations", app, appErrs, "_ISODE_ACK.>", sub(app, "_ISODE_ACK.>")},
 		{"app pulls requests", app, appErrs, "$JS.API.CONSUMER.MSG.NEXT.ISODE.isode-shard-0", pub(app, "$JS.API.CONSUMER.MSG.NEXT.ISODE.isode-shard-0")},
 		{"app deletes the stream", app, appErrs, "$JS.API.STREAM.DELETE.ISODE", pub(app, "$JS.API.STREAM.DELETE.ISODE")},
 		{"app purges the stream", app, appErrs, "$JS.API.STREAM.PURGE.ISODE", pub(app, "$JS.API.STREAM.PURGE.ISODE")},

@@ -133,6 +133,13 @@ func (c *Client) deliver(m *nats.Msg) {
 	if !ok {
 		return
 	}
+	if kind == "r" && m.Reply != "" {
+		// Confirm every reply, late and duplicate ones too, so the worker
+		// stops offering it (protocol.HeaderReplyAck).
+		// It fails only on a closed connection, where nothing can be done;
+		// the worker then offers the reply again until the deadline.
+		_ = m.Respond(nil)
+	}
 	c.mu.Lock()
 	cl := c.pending[token]
 	c.mu.Unlock()
@@ -277,6 +284,7 @@ func (c *Client) send(ctx context.Context, id string, shard int, deadline time.T
 	msg.Header.Set(protocol.HeaderMsgID, id)
 	msg.Header.Set(protocol.HeaderReplyTo, c.inbox+token+".r")
 	msg.Header.Set(protocol.HeaderDeadline, strconv.FormatInt(deadline.UnixMilli(), 10))
+	msg.Header.Set(protocol.HeaderReplyAck, "1")
 	// Let the stream drop the request by itself once nobody waits for it.
 	ttl := time.Until(deadline) + c.ttlSlack
 	msg.Header.Set("Nats-TTL", strconv.FormatInt(int64(ttl/time.Second)+1, 10)+"s")

@@ -75,6 +75,11 @@ type Config struct {
 	// offered again when this worker cannot take it now (its tenant's queue
 	// is full).
 	RetryDelay time.Duration
+	// ReplyAckWait is how long a worker waits for a requester to confirm a
+	// reply (protocol.HeaderReplyAck) before it hands the request back to
+	// the stream to be answered again. At most half of AckWait; zero (the
+	// default) means 2s or half of AckWait, whichever is shorter.
+	ReplyAckWait time.Duration
 
 	Logger zerolog.Logger
 }
@@ -140,8 +145,18 @@ func (c *Config) Validate() error {
 		return bad("heartbeat", "%v must be at least 50ms", c.Heartbeat)
 	case c.MemberTTL < 2*c.Heartbeat:
 		return bad("member ttl", "%v must be at least twice the heartbeat %v", c.MemberTTL, c.Heartbeat)
+	case c.ReplyAckWait < 0 || c.ReplyAckWait > c.AckWait/2:
+		return bad("reply ack wait", "%v must be at most half the ack wait %v", c.ReplyAckWait, c.AckWait)
 	case c.ReplyCacheBytes < 0:
 		return bad("reply cache bytes", "must not be negative")
 	}
 	return nil
+}
+
+// replyAckWait returns ReplyAckWait, or its default when zero.
+func (c *Config) replyAckWait() time.Duration {
+	if c.ReplyAckWait > 0 {
+		return c.ReplyAckWait
+	}
+	return min(2*time.Second, c.AckWait/2)
 }

@@ -44,8 +44,7 @@ func (w *Worker) handle(msg jetstream.Msg, shard int) {
 	// A redelivery of a request this worker answered already: answer again.
 	key := messageKey(msg, id)
 	if c, ok := w.cache.get(key, time.Now()); ok {
-		w.publish(replyTo, c.header, c.reply)
-		w.ack(msg)
+		w.reply(msg, replyTo, c.header, c.reply, w.ack)
 		ev.Str("outcome", "replayed").Dur("took", time.Since(began)).Msg("request")
 		return
 	}
@@ -65,8 +64,7 @@ func (w *Worker) handle(msg jetstream.Msg, shard int) {
 			w.nak(msg, w.cfg.RetryDelay)
 			return
 		}
-		w.publish(replyTo, c.header, c.reply)
-		w.ack(msg)
+		w.reply(msg, replyTo, c.header, c.reply, w.ack)
 		ev.Str("outcome", "joined").Dur("took", time.Since(began)).Msg("request")
 		return
 	}
@@ -162,16 +160,16 @@ func (w *Worker) answer(msg jetstream.Msg, replyTo, id string, runErr error, res
 	if id != "" {
 		w.cache.put(&cached{id: messageKey(msg, id), reply: data, header: hdr}, time.Now())
 	}
-	w.publish(replyTo, hdr, data)
+	finish := w.ack
 	outcome := "ok"
 	if rep.Error != nil {
 		outcome = string(rep.Error.Code)
+		if rep.Error.Code == protocol.CodeBadRequest {
+			reason := rep.Error.Message
+			finish = func(msg jetstream.Msg) { w.term(msg, reason) }
+		}
 	}
-	if rep.Error != nil && rep.Error.Code == protocol.CodeBadRequest {
-		w.term(msg, rep.Error.Message)
-	} else {
-		w.ack(msg)
-	}
+	w.reply(msg, replyTo, hdr, data, finish)
 	ev.Str("outcome", outcome).Dur("run", runTime).Dur("took", time.Since(began)).Msg("request")
 }
 
@@ -186,9 +184,48 @@ func (w *Worker) retryDelay(msg jetstream.Msg) time.Duration {
 	return w.cfg.RetryDelay << min(n-1, 3)
 }
 
-func (w *Worker) publish(subject string, hdr nats.Header, data []byte) {
-	if err := w.nc.PublishMsg(&nats.Msg{Subject: subject, Header: hdr, Data: data}); err != nil {
-		w.log.Warn().Err(err).Str("subject", subject).Msg("publish reply")
+// reply publishes a reply, then ends the request's delivery with finish
+// (ack, or term for a request that can never succeed).
+//
+// When the requester asked for confirmed replies (protocol.HeaderReplyAck),
+// finish waits for its confirmation, without holding a goroutine or the
+// worker's capacity. Core NATS delivers a reply only to whoever listens at
+// that moment: if nobody did (the requester's connection was being
+// re-established after a NATS restart, say) or no confirmation comes within
+// ReplyAckWait, the request is handed back to the stream, and its
+// redelivery publishes the reply again from the reply cache, until it is
+// confirmed or the request's deadline passes.
+func (w *Worker) reply(msg jetstream.Msg, replyTo string, hdr nats.Header, data []byte, finish func(jetstream.Msg)) {
+	out := &nats.Msg{Subject: replyTo, Header: hdr, Data: data}
+	if msg.Headers().Get(protocol.HeaderReplyAck) == "" {
+		w.publishReply(out)
+		finish(msg)
+		return
+	}
+	deadline := w.replyDeadline(msg)
+	w.handlers.Add(1) // Wait waits for the confirmation too
+	out.Reply = w.confirm.expect(func(delivered bool) {
+		defer w.handlers.Done()
+		switch {
+		case w.runCtx.Err() != nil:
+			// Aborted: leave the request for redelivery elsewhere.
+		case delivered:
+			finish(msg)
+		case !time.Now().Before(deadline):
+			w.log.Warn().Str("id", hdr.Get(protocol.HeaderRequestID)).Str("subject", replyTo).
+				Msg("reply never confirmed by the requester before the request's deadline; giving up")
+			finish(msg)
+		default:
+			w.log.Debug().Str("id", hdr.Get(protocol.HeaderRequestID)).Msg("reply not confirmed; the request goes back to the stream to be answered again")
+			w.nak(msg, w.retryDelay(msg))
+		}
+	})
+	w.publishReply(out)
+}
+
+func (w *Worker) publishReply(m *nats.Msg) {
+	if err := w.nc.PublishMsg(m); err != nil {
+		w.log.Warn().Err(err).Str("subject", m.Subject).Msg("publish reply")
 	}
 }
 
@@ -304,6 +341,20 @@ func (w *Worker) deadline(msg jetstream.Msg, req *protocol.Request) (time.Time, 
 		return time.Time{}, protocol.Errorf(protocol.CodeBadRequest, "header %s is %q, want Unix milliseconds", protocol.HeaderDeadline, v)
 	}
 	return time.UnixMilli(ms), nil
+}
+
+// replyDeadline is how long a reply is worth sending again: until the
+// request's deadline header, or (without a usable one) the time the stream
+// stored the request plus the longest run and a queueing allowance.
+func (w *Worker) replyDeadline(msg jetstream.Msg) time.Time {
+	if ms, err := strconv.ParseInt(msg.Headers().Get(protocol.HeaderDeadline), 10, 64); err == nil && ms > 0 {
+		return time.UnixMilli(ms)
+	}
+	stored := time.Now()
+	if md, err := msg.Metadata(); err == nil {
+		stored = md.Timestamp
+	}
+	return stored.Add(w.cfg.MaxTimeout + 30*time.Second)
 }
 
 // messageKey names a request for the reply cache and the runs in flight:

@@ -45,8 +45,9 @@ type Worker struct {
 	log   zerolog.Logger
 	start time.Time
 
-	gate  *gate
-	cache *replyCache
+	gate    *gate
+	cache   *replyCache
+	confirm *confirmations
 
 	// runCtx bounds handlers; cancelled only by Abort.
 	runCtx    context.Context
@@ -94,6 +95,7 @@ func New(nc *nats.Conn, run Runner, stats StatsFunc, cfg Config) (*Worker, error
 		start:    time.Now(),
 		gate:     newGate(cfg.Capacity),
 		cache:    newReplyCache(cfg.ReplyCacheTTL, cfg.ReplyCacheBytes),
+		confirm:  newConfirmations(cfg.replyAckWait()),
 		shards:   make(map[int]*shardLoop),
 		inflight: make(map[string]chan struct{}),
 		progress: make(map[*tracked]struct{}),
@@ -115,14 +117,19 @@ func (w *Worker) Start(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if err := w.confirm.subscribe(w.nc); err != nil {
+		return fmt.Errorf("subscribe to reply confirmations: %w", err)
+	}
 	sub, err := w.nc.Subscribe(protocol.StatsSubject(w.cfg.Prefix), w.answerStats)
 	if err != nil {
+		w.confirm.unsubscribe()
 		return fmt.Errorf("subscribe to stats: %w", err)
 	}
 	w.mu.Lock()
 	if w.stopped || w.memberDone != nil {
 		w.mu.Unlock()
 		sub.Unsubscribe()
+		w.confirm.unsubscribe()
 		return ErrStopped
 	}
 	w.stream = s
@@ -275,6 +282,7 @@ func (w *Worker) stopBackground() {
 	w.mu.Unlock()
 	cancel()
 	w.bg.Wait()
+	w.confirm.unsubscribe()
 }
 
 func (w *Worker) answerStats(m *nats.Msg) {

@@ -244,18 +244,15 @@ func TestDockerIdleRecycleRefillsToLow(t *testing.T) {
 	t.Logf("stats %+v", s)
 }
 
-// BenchmarkDockerNewTenant measures a new tenant's first run on the real
-// engine when a free container is ready (pool hit) and when one must be
-// created (cold start). The cold sub-benchmark reports x-free, its ns/op
-// over the free one's. Every container serves one run (MaxRequests 1) and
-// the pool is let settle, refills done, between iterations, off the clock.
-//
-//	go test -run '^$' -bench DockerNewTenant -benchtime 20x ./pkg/pool/
 // BenchmarkDockerNewTenant measures a new tenant's first run through the
 // pool with a free container waiting ("free") and with none ("cold"), and,
 // as the baseline for the cold start, the same create+start+ready and run
 // done directly on the runtime without a pool ("bare"). It reports
-// cold/free and cold/bare.
+// cold/free and cold/bare. Every container serves one run (MaxRequests 1)
+// and the pool is let settle, refills done, between iterations, off the
+// clock.
+//
+//	go test -run '^$' -bench DockerNewTenant -benchtime 20x ./pkg/pool/
 func BenchmarkDockerNewTenant(b *testing.B) {
 	var freeNs, bareNs float64
 	b.Run("bare", func(b *testing.B) {

@@ -21,8 +21,16 @@
 //  3. Wait on the inbox for one Reply. Either Result is set or Error is,
 //     never both. Error replies also carry the nats.go micro headers
 //     HeaderServiceError and HeaderServiceErrorCode.
+//  4. With HeaderReplyAck set on the request, answer every Reply that has a
+//     NATS reply subject (publish anything to it), including late and
+//     duplicate ones: the worker keeps the request until then, and sends
+//     the reply again if nobody received it.
 //
 // A request accepted by the stream is delivered at least once: a worker
 // that dies before it acknowledged it leaves it for another worker. A reply
-// may therefore arrive twice; callers keep the first.
+// may therefore arrive twice; callers keep the first. Replies travel over
+// core NATS, which delivers to whoever listens at that moment: a requester
+// that was not listening (its connection was re-established after a NATS
+// restart) loses a reply unless it asked for confirmed replies with
+// HeaderReplyAck, as github.com/isode-run/isode/pkg/client does.
 package protocol

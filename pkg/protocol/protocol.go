@@ -37,7 +37,20 @@ const (
 	// (HTTP-like) status, so generic NATS tooling shows them.
 	HeaderServiceError     = "Nats-Service-Error"
 	HeaderServiceErrorCode = "Nats-Service-Error-Code"
+	// HeaderReplyAck, set to "1" on a request, asks the worker to keep the
+	// request in the stream until the requester confirms its reply: the
+	// Reply then carries a NATS reply subject (under ReplyAckPrefix) and the
+	// requester publishes anything to it on receipt. A reply nobody received
+	// (the requester was reconnecting after a NATS restart, say) is
+	// published again until it is confirmed or the request's deadline
+	// passes. Requests without it get their reply published once.
+	HeaderReplyAck = "Isode-Reply-Ack"
 )
+
+// ReplyAckPrefix starts the subjects requesters confirm replies on (see
+// HeaderReplyAck). Requesters need permission to publish under it, workers
+// to subscribe under it.
+const ReplyAckPrefix = "_ISODE_ACK"
 
 // Shard returns the shard of an isolate key: the FNV-1a 32-bit hash of the
 // key's bytes modulo shards. It is the same function the NATS server's
