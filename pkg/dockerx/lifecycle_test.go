@@ -252,7 +252,12 @@ func TestReap(t *testing.T) {
 	}
 	orphan := mk(e.cfg.WorkerID) // ours, untracked: a previous life's
 	stale := mk(other)           // another worker's, never started
-	n, err := e.rt.Reap(ctx, 0)
+	// Grace zero would also reap the containers other test packages,
+	// running at the same time, have just created and not yet started
+	// (a CI run lost sandboxes that way): let the stale one age instead.
+	const grace = 4 * time.Second
+	time.Sleep(grace + time.Second)
+	n, err := e.rt.Reap(ctx, grace)
 	if err != nil {
 		t.Fatal(err)
 	}
