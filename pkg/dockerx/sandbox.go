@@ -458,10 +458,13 @@ func (s *Sandbox) noteDie(code int) {
 }
 
 // Waits of deathReason: for the die event after the stream ended, and for
-// an oom event after a die with exit code 137.
+// an oom event after a die with exit code 137. The oom event can trail the
+// die event: on a loaded CI machine 250 ms was not always enough, and an
+// out-of-memory death was reported as a plain SIGKILL. Only a SIGKILL from
+// outside pays the full wait.
 const (
 	dieEventWait = 750 * time.Millisecond
-	oomEventWait = 250 * time.Millisecond
+	oomEventWait = time.Second
 )
 
 // deathReason says why the attach stream ended with err, from the
