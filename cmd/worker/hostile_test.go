@@ -971,12 +971,38 @@ func (h *hostile) killedWorker(t *testing.T, bin string) outcome {
 	}
 	cmd.Wait()
 	killed := time.Now()
-	if !poll(20*time.Second, func() bool { return len(containers()) == 0 }) {
-		t.Fatalf("%d containers outlived their SIGKILLed worker by 20s", len(containers()))
+	// Started sandboxes exit by themselves (their stdin closed). One the
+	// worker had created but not yet started cannot: it stays "created"
+	// until the restarted worker reaps it.
+	running := func() (n int, states []string, unstarted map[string]bool) {
+		unstarted = map[string]bool{}
+		for _, c := range containers() {
+			states = append(states, c.State)
+			if c.State == container.StateCreated {
+				unstarted[c.ID] = true
+			} else {
+				n++
+			}
+		}
+		return n, states, unstarted
+	}
+	if !poll(20*time.Second, func() bool { n, _, _ := running(); return n == 0 }) {
+		_, states, _ := running()
+		t.Fatalf("containers outlived their SIGKILLed worker by 20s: %v", states)
 	}
 	gone := time.Since(killed)
+	_, _, unstarted := running()
 
 	cmd, _ = start()
+	// The restart reaps what was never started, before it serves.
+	if len(unstarted) > 0 {
+		for _, c := range containers() {
+			if unstarted[c.ID] {
+				t.Errorf("never-started container %.12s of the killed worker is still there after its restart", c.ID)
+			}
+		}
+		t.Logf("%d never-started containers were reaped by the restarted worker", len(unstarted))
+	}
 	if err := <-long; err != nil {
 		t.Fatalf("the request in flight at the kill: %v", err)
 	}
@@ -987,7 +1013,7 @@ func (h *hostile) killedWorker(t *testing.T, bin string) outcome {
 	if n := len(containers()); n != 0 {
 		t.Errorf("%d containers left after the restarted worker stopped", n)
 	}
-	return outcome{outcome: fmt.Sprintf("its %d sandboxes exit by themselves within %v (stdin dead-man switch); its request is redelivered and answered after the restart", held, gone.Round(100*time.Millisecond)),
+	return outcome{outcome: fmt.Sprintf("its %d sandboxes exit by themselves within %v (stdin dead-man switch), one created but not started is reaped by the restart; its request is redelivered and answered after the restart", held, gone.Round(100*time.Millisecond)),
 		others: "other workers unaffected"}
 }
 
