@@ -88,7 +88,7 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		if err := b.warmUp(keys, *conc); err != nil {
 			return err
 		}
-		warm := b.measure(fmt.Sprintf("warm (%d tenants)", *tenants), *conc, b.duration, b.count, func(i int) error {
+		warm := b.measure(fmt.Sprintf("warm (%d tenants)", *tenants), *conc, b.duration, b.count, 0, func(i int) error {
 			_, err := b.run(keys[i%len(keys)])
 			return err
 		})
@@ -114,7 +114,10 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		if err := b.warmUp(ref, 1); err != nil {
 			return err
 		}
-		warm := b.measure("warm (1 tenant)", 1, b.duration, b.count, func(int) error {
+		// The reference runs for --duration even when --count is given (it
+		// counts the new tenants): twenty runs right after the warm-up
+		// measure a sandbox that is still warming.
+		warm := b.measure("warm (1 tenant)", 1, b.duration, 0, 0, func(int) error {
 			_, err := b.run(ref[0])
 			return err
 		})
@@ -124,19 +127,20 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			n = 20
 		}
 		prefix := "bench-new-" + uuid.NewString()[:8]
-		fresh := b.measure("new tenant", 1, 0, n, func(i int) error {
-			if i > 0 {
-				select {
-				case <-time.After(*interval):
-				case <-ctx.Done():
-					return ctx.Err()
-				}
-			}
+		fresh := b.measure("new tenant", 1, 0, n, *interval, func(i int) error {
 			_, err := b.run(fmt.Sprintf("%s-%d", prefix, i))
 			return err
 		})
 		rep.Results = append(rep.Results, fresh)
 		rep.Ratios["new_p50_over_warm_p50"] = ratio(fresh.Latency["p50"], warm.Latency["p50"])
+		// The same warm tenant, spaced like the new ones: what a run costs
+		// on a machine that idled for --interval, without the new tenant.
+		spaced := b.measure("warm, spaced", 1, 0, n, *interval, func(int) error {
+			_, err := b.run(ref[0])
+			return err
+		})
+		rep.Results = append(rep.Results, spaced)
+		rep.Ratios["new_p50_over_spaced_warm_p50"] = ratio(fresh.Latency["p50"], spaced.Latency["p50"])
 	default:
 		return &exitError{2, fmt.Errorf("unknown --scenario %q: want warm or new", *scenario)}
 	}
@@ -185,7 +189,7 @@ func (b *bench) run(key string) (*client.Result, error) {
 
 // warmUp runs once for every tenant so each has a sandbox before measuring.
 func (b *bench) warmUp(keys []string, conc int) error {
-	r := b.measure("warm-up", min(conc, len(keys)), 0, len(keys), func(i int) error {
+	r := b.measure("warm-up", min(conc, len(keys)), 0, len(keys), 0, func(i int) error {
 		_, err := b.run(keys[i])
 		return err
 	})
@@ -212,14 +216,17 @@ func (b *bench) echo(conc int) (benchResult, error) {
 		return benchResult{}, err
 	}
 	payload := []byte(`{"v":1,"isolate_key":"echo","code":"` + strings.Repeat("x", len(b.code)) + `"}`)
-	return b.measure("core NATS echo", conc, b.duration, b.count, func(int) error {
+	return b.measure("core NATS echo", conc, b.duration, b.count, 0, func(int) error {
 		_, err := b.nc.Request(subj, payload, 5*time.Second)
 		return err
 	}), nil
 }
 
 // measure calls fn from conc goroutines for d (or n calls) and summarises.
-func (b *bench) measure(name string, conc int, d time.Duration, n int, fn func(i int) error) benchResult {
+// measure runs fn from conc callers for d, or n times in all, and reports
+// latencies and throughput. Each caller waits pause between its runs, off
+// the clock.
+func (b *bench) measure(name string, conc int, d time.Duration, n int, pause time.Duration, fn func(i int) error) benchResult {
 	var (
 		next    atomic.Int64
 		mu      sync.Mutex
@@ -257,6 +264,13 @@ func (b *bench) measure(name string, conc int, d time.Duration, n int, fn func(i
 				i := int(next.Add(1) - 1)
 				if n > 0 && i >= n {
 					return
+				}
+				if pause > 0 && i > 0 {
+					select {
+					case <-time.After(pause):
+					case <-ctx.Done():
+						return
+					}
 				}
 				t0 := time.Now()
 				err := fn(i)
