@@ -58,13 +58,20 @@ func defaultConfig() config {
 		Grace:     20 * time.Second,
 		Heartbeat: 500 * time.Millisecond,
 		MemberTTL: 2 * time.Second,
-		Pool:      pool.DefaultConfig(),
+		Pool:      workerPoolDefaults(),
 		Docker:    dockerx.DefaultConfig(),
 		Fleet:     fleet.DefaultConfig(),
 		memory:    "128MiB",
 		tmpfs:     "16MiB",
 		cpus:      1,
 	}
+}
+
+// workerPoolDefaults are the pool's defaults, with a refill delay.
+func workerPoolDefaults() pool.Config {
+	c := pool.DefaultConfig()
+	c.RefillDelay = 100 * time.Millisecond
+	return c
 }
 
 var idUnsafe = regexp.MustCompile(`[^A-Za-z0-9_.-]+`)
@@ -199,6 +206,7 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 	fs.int(&c.Pool.MaxRequests, "max-requests", "ISODE_MAX_REQUESTS", "recycle a sandbox after this many runs (0: unlimited)")
 	fs.dur(&c.Pool.MaxAge, "max-age", "ISODE_MAX_AGE", "recycle a sandbox this old (0: unlimited)")
 	fs.int(&c.Pool.CreateConcurrency, "create-concurrency", "ISODE_CREATE_CONCURRENCY", "sandboxes created at once")
+	fs.dur(&c.Pool.RefillDelay, "refill-delay", "ISODE_REFILL_DELAY", "wait this long before replacing a free sandbox a new tenant took, so its first run does not compete with a container start")
 
 	fs.str(&c.Docker.Image, "image", "ISODE_IMAGE", "sandbox image (build it with: make sandbox-image)")
 	fs.str(&c.memory, "memory", "ISODE_MEMORY", "memory limit of each sandbox (no swap), e.g. 128MiB")

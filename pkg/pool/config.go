@@ -60,6 +60,11 @@ type Config struct {
 	// the engine serialises heavy parallel starts. Creations for waiting
 	// tenants go before refills of free sandboxes. 0 means the default.
 	CreateConcurrency int
+	// RefillDelay holds back the replacement of a free sandbox a tenant
+	// just took, so that the tenant's first run does not share the CPU
+	// with the creation of the replacement (a container start costs
+	// hundreds of milliseconds of CPU). 0 replaces it at once.
+	RefillDelay time.Duration
 	// CreateTimeout bounds one Runtime.Create attempt. 0 means the default.
 	CreateTimeout time.Duration
 	// CreateRetries is the number of attempts at a tenant's sandbox before

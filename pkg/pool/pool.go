@@ -250,6 +250,7 @@ func (p *Pool) acquire(ctx context.Context, key string) (*entry, error) {
 		if e := p.popFree(); e != nil {
 			p.assign(e, t)
 			p.take(e, grantPoolHit)
+			p.deferRefill()
 			p.dispatch()
 			p.mu.Unlock()
 			return e, nil
@@ -482,6 +483,7 @@ func (p *Pool) provide(t *tenant, reserved *int) provision {
 	if e := p.popFree(); e != nil {
 		p.assign(e, t)
 		p.serve(t, grantPoolHit)
+		p.deferRefill()
 		return provided
 	}
 	if len(p.unclaimed) > 0 {
@@ -565,6 +567,18 @@ func (p *Pool) popFree() *entry {
 		}
 	}
 	return nil
+}
+
+// deferRefill holds refills back for Config.RefillDelay after a free
+// sandbox was taken. p.mu is held.
+func (p *Pool) deferRefill() {
+	if p.cfg.RefillDelay <= 0 {
+		return
+	}
+	if at := p.clock.Now().Add(p.cfg.RefillDelay); at.After(p.refillAt) {
+		p.refillAt = at
+	}
+	p.wakeBy(p.refillAt)
 }
 
 // assign makes e, free or new, t's sandbox.

@@ -378,3 +378,37 @@ func TestOverloadFairAndEfficient(t *testing.T) {
 		t.Errorf("5 tenants ran %d, under 40%% of the %d that 4 tenants ran", total, base)
 	}
 }
+
+// TestRefillDelay: a free sandbox taken is replaced only after RefillDelay,
+// so the new tenant's first run has the CPU to itself; tenants that find
+// no free sandbox meanwhile still get one made at once.
+func TestRefillDelay(t *testing.T) {
+	rt := &fakeRuntime{}
+	clock := newFakeClock()
+	cfg := testConfig()
+	cfg.Low, cfg.High = 2, 6
+	cfg.RefillDelay = time.Second
+	cfg.Clock = clock
+	p := newPool(t, rt, cfg)
+	ctx := context.Background()
+	waitStats(t, p, "L free sandboxes", func(s Stats) bool { return s.Free == 2 && s.Creating == 0 })
+
+	for _, tenant := range []string{"a", "b"} {
+		if _, err := p.Run(ctx, req(tenant)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	time.Sleep(50 * time.Millisecond) // a refill not held back would be under way by now
+	if s := p.Stats(); s.Free != 0 || s.Creating != 0 || s.PoolHits != 2 {
+		t.Fatalf("stats %+v before the refill delay passed, want both free sandboxes taken and none being made", s)
+	}
+	// A third new tenant does not wait for the delay: its sandbox is made now.
+	if _, err := p.Run(ctx, req("c")); err != nil {
+		t.Fatal(err)
+	}
+	if s := p.Stats(); s.ColdStarts != 1 || s.Assigned != 3 || s.Free != 0 {
+		t.Fatalf("stats %+v, want c served by a cold start during the refill delay", s)
+	}
+	clock.Advance(time.Second)
+	waitStats(t, p, "the refill after the delay", func(s Stats) bool { return s.Free == 2 && s.Creating == 0 })
+}
