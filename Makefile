@@ -39,10 +39,14 @@ static-cache:
 # is part of make test). BENCH_WORKER holds the flags passed to the worker.
 BENCH_WORKER ?= --low 4 --high 64
 bench: build sandbox-image
-	$(GO) test -run '^$$' -bench . -benchtime 2s ./pkg/fleet/ ./pkg/pool/ ./pkg/dockerx/
+	$(GO) test -run '^$$' -bench . -benchtime 2s ./pkg/fleet/
+	$(GO) test -run '^$$' -bench AcquireRelease -benchtime 2s ./pkg/pool/
+	$(GO) test -run '^$$' -bench DockerNewTenant -benchtime 20x -timeout 20m ./pkg/pool/
+	$(GO) test -run '^$$' -bench WarmRun -benchtime 2s ./pkg/dockerx/
+	$(GO) test -run '^$$' -bench 'CreateReady|DockerRunCLI' -benchtime 10x -timeout 20m ./pkg/dockerx/
 	$(GO) test -run '^$$' -bench WorkerMemory -benchtime 1x ./cmd/worker/
 	BIN=$(BIN) ./scripts/bench-worker.sh "$(BENCH_WORKER)" --scenario warm --tenants 1 --concurrency 1 --duration 10s
-	BIN=$(BIN) ./scripts/bench-worker.sh "$(BENCH_WORKER)" --scenario new --count 20 --duration 5s
+	BIN=$(BIN) ./scripts/bench-worker.sh "$(BENCH_WORKER)" --scenario new --count 20 --duration 10s
 	BIN=$(BIN) ./scripts/bench-worker.sh "$(BENCH_WORKER)" --scenario warm --tenants 50 --concurrency 32 --duration 15s
 	BIN=$(BIN) ./scripts/bench-worker.sh "$(BENCH_WORKER) --stream-memory" --scenario warm --tenants 50 --concurrency 32 --duration 15s
 
