@@ -53,22 +53,25 @@ func streamMsgs(t *testing.T, e *env) uint64 {
 	return info.State.Msgs
 }
 
-func countingRunner(calls *atomic.Int32) runnerFunc {
-	return func(ctx context.Context, req *protocol.Request) (*protocol.Result, error) {
+// startCounting starts a worker that hands requests back quickly and
+// echoes their input, counting its runs.
+func startCounting(t *testing.T) (*env, *atomic.Int32) {
+	e := newEnv(t)
+	calls := new(atomic.Int32)
+	cfg := testConfig("w1")
+	cfg.RetryDelay = 50 * time.Millisecond
+	startWorker(t, e, runnerFunc(func(ctx context.Context, req *protocol.Request) (*protocol.Result, error) {
 		calls.Add(1)
 		return &protocol.Result{Value: req.Input}, nil
-	}
+	}), cfg)
+	return e, calls
 }
 
 // A reply published while nobody listened on the requester's inbox (its
 // connection was being re-established after a NATS restart, say) reaches
 // the requester once it listens again, without the snippet running twice.
 func TestUnreceivedReplyIsSentAgainWhenRequesterListens(t *testing.T) {
-	e := newEnv(t)
-	var calls atomic.Int32
-	cfg := testConfig("w1")
-	cfg.RetryDelay = 50 * time.Millisecond
-	startWorker(t, e, countingRunner(&calls), cfg)
+	e, calls := startCounting(t)
 
 	inbox := nats.NewInbox()
 	publishConfirmed(t, e, "unheard-1", "tenant-a", inbox, time.Now().Add(time.Minute))
@@ -121,11 +124,7 @@ func TestUnreceivedReplyIsSentAgainWhenRequesterListens(t *testing.T) {
 // A reply nobody confirms is offered until the request's deadline, then
 // dropped: the stream does not keep it forever.
 func TestUnconfirmedReplyIsDroppedAtDeadline(t *testing.T) {
-	e := newEnv(t)
-	var calls atomic.Int32
-	cfg := testConfig("w1")
-	cfg.RetryDelay = 50 * time.Millisecond
-	startWorker(t, e, countingRunner(&calls), cfg)
+	e, calls := startCounting(t)
 
 	// The requester listens but never confirms (an old client that sets
 	// the header by mistake): every offer waits out ReplyAckWait.
