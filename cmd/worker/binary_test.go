@@ -17,6 +17,17 @@ var (
 	buildOut  []byte
 )
 
+// TestMain removes the binaries built for the tests once they end.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	for _, p := range []string{buildPath, submitPath} {
+		if p != "" {
+			os.RemoveAll(filepath.Dir(p))
+		}
+	}
+	os.Exit(code)
+}
+
 // workerBinary returns the path of a freshly built worker binary.
 func workerBinary(t testing.TB) string {
 	t.Helper()
