@@ -71,9 +71,3 @@ func (c *replyCache) remove(e *list.Element) {
 	delete(c.byID, v.id)
 	c.bytes -= len(v.reply) + len(v.id)
 }
-
-func (c *replyCache) len() int {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.order.Len()
-}

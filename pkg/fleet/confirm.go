@@ -103,9 +103,3 @@ func (c *confirmations) resolve(token string, delivered bool) {
 	cf.timer.Stop()
 	cf.done(delivered)
 }
-
-func (c *confirmations) len() int {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return len(c.waiting)
-}

@@ -81,7 +81,7 @@ func (w *Worker) handle(msg jetstream.Msg, shard int) {
 			"isolate key %q belongs to shard %d (FNV-1a 32 mod %d) but was published to shard %d", req.IsolateKey, want, w.cfg.Shards, shard), nil, 0, ev, began)
 		return
 	}
-	deadline, err := w.deadline(msg, req)
+	deadline, err := w.deadline(msg, req.Timeout())
 	if err != nil {
 		w.answer(msg, replyTo, id, err, nil, 0, ev, began)
 		return
@@ -327,14 +327,10 @@ func (w *Worker) checkReplyTo(s string) error {
 // deadline returns the request's deadline: the header, or (for clients that
 // do not send one) the time the stream stored it plus the run timeout and a
 // queueing allowance.
-func (w *Worker) deadline(msg jetstream.Msg, req *protocol.Request) (time.Time, error) {
+func (w *Worker) deadline(msg jetstream.Msg, run time.Duration) (time.Time, error) {
 	v := msg.Headers().Get(protocol.HeaderDeadline)
 	if v == "" {
-		stored := time.Now()
-		if md, err := msg.Metadata(); err == nil {
-			stored = md.Timestamp
-		}
-		return stored.Add(req.Timeout() + 30*time.Second), nil
+		return storedDeadline(msg, run), nil
 	}
 	ms, err := strconv.ParseInt(v, 10, 64)
 	if err != nil || ms <= 0 {
@@ -344,17 +340,23 @@ func (w *Worker) deadline(msg jetstream.Msg, req *protocol.Request) (time.Time, 
 }
 
 // replyDeadline is how long a reply is worth sending again: until the
-// request's deadline header, or (without a usable one) the time the stream
-// stored the request plus the longest run and a queueing allowance.
+// request's deadline, taking the longest run for its own when the header
+// is missing or unusable.
 func (w *Worker) replyDeadline(msg jetstream.Msg) time.Time {
-	if ms, err := strconv.ParseInt(msg.Headers().Get(protocol.HeaderDeadline), 10, 64); err == nil && ms > 0 {
-		return time.UnixMilli(ms)
+	if d, err := w.deadline(msg, w.cfg.MaxTimeout); err == nil {
+		return d
 	}
+	return storedDeadline(msg, w.cfg.MaxTimeout)
+}
+
+// storedDeadline is the deadline of a request without one: the time the
+// stream stored it plus its run timeout and a queueing allowance.
+func storedDeadline(msg jetstream.Msg, run time.Duration) time.Time {
 	stored := time.Now()
 	if md, err := msg.Metadata(); err == nil {
 		stored = md.Timestamp
 	}
-	return stored.Add(w.cfg.MaxTimeout + 30*time.Second)
+	return stored.Add(run + 30*time.Second)
 }
 
 // messageKey names a request for the reply cache and the runs in flight:
