@@ -222,7 +222,6 @@ func (b *bench) echo(conc int) (benchResult, error) {
 	}), nil
 }
 
-// measure calls fn from conc goroutines for d (or n calls) and summarises.
 // measure runs fn from conc callers for d, or n times in all, and reports
 // latencies and throughput. Each caller waits pause between its runs, off
 // the clock.
