@@ -28,33 +28,6 @@ import (
 	"github.com/isode-run/isode/pkg/dockerx"
 )
 
-var (
-	submitOnce sync.Once
-	submitPath string
-	submitErr  error
-	submitOut  []byte
-)
-
-// submitBinary returns the path of a freshly built submit binary.
-func submitBinary(t testing.TB) string {
-	t.Helper()
-	submitOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "isode-submit-bin-")
-		if err != nil {
-			submitErr = err
-			return
-		}
-		submitPath = filepath.Join(dir, "submit")
-		cmd := exec.Command("go", "build", "-o", submitPath, "../submit")
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-		submitOut, submitErr = cmd.CombinedOutput()
-	})
-	if submitErr != nil {
-		t.Fatalf("build submit: %v\n%s", submitErr, submitOut)
-	}
-	return submitPath
-}
-
 // cpuTicks reads the CPU time (user+system, in clock ticks) of a process.
 func cpuTicks(pid int) int64 {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
@@ -330,16 +303,10 @@ func BenchmarkFleetFailover(b *testing.B) {
 		alive = slices.DeleteFunc(alive, func(p *fleetProc) bool { return p == victim })
 		f.steady(idsOf(alive), 30*time.Second)
 		reowned = append(reowned, time.Since(killAt))
-		l.waitFor(60*time.Second, "no answer on the dead worker's shards", func(rs []*fleetRequest) bool {
-			_, ok := firstAnswer(rs, killAt, dead, victim.id)
-			return ok
-		})
-		l.mu.Lock()
-		first, _ := firstAnswer(l.all, killAt, dead, victim.id)
-		l.mu.Unlock()
-		failovers = append(failovers, first.Sub(killAt))
+		failover := l.failover(killAt, dead, victim.id)
+		failovers = append(failovers, failover)
 		b.Logf("kill %d: %s (%d shards): first answer on a dead shard after %v, shards re-owned (stats) within %v",
-			i+1, victim.id, len(dead), first.Sub(killAt).Round(time.Millisecond), reowned[i].Round(time.Millisecond))
+			i+1, victim.id, len(dead), failover.Round(time.Millisecond), reowned[i].Round(time.Millisecond))
 		p := f.start(fmt.Sprintf("f%d", i+4))
 		p.waitReady(b, 90*time.Second)
 		alive = append(alive, p)

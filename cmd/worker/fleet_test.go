@@ -780,6 +780,20 @@ func firstAnswer(rs []*fleetRequest, t0 time.Time, shards []int, not string) (ti
 	return first, !first.IsZero()
 }
 
+// failover waits for the first answer, by a worker other than victim, on
+// one of the dead shards after killAt, and returns how long after killAt
+// it came.
+func (l *fleetLoad) failover(killAt time.Time, dead []int, victim string) time.Duration {
+	l.waitFor(60*time.Second, "no answer on the dead worker's shards", func(rs []*fleetRequest) bool {
+		_, ok := firstAnswer(rs, killAt, dead, victim)
+		return ok
+	})
+	l.mu.Lock()
+	first, _ := firstAnswer(l.all, killAt, dead, victim)
+	l.mu.Unlock()
+	return first.Sub(killAt)
+}
+
 // fleetTenants returns n tenant keys unique to this test.
 func fleetTenants(prefix string, n int) []string {
 	keys := make([]string, n)
@@ -898,14 +912,7 @@ func TestFleetScaleOutAndFailover(t *testing.T) {
 	alive := slices.DeleteFunc(slices.Clone(ids), func(id string) bool { return id == victim.id })
 	after := f.steady(alive, 30*time.Second)
 	reowned := time.Since(killAt)
-	l.waitFor(60*time.Second, "no answer on the dead worker's shards", func(rs []*fleetRequest) bool {
-		_, ok := firstAnswer(rs, killAt, dead, victim.id)
-		return ok
-	})
-	l.mu.Lock()
-	first, _ := firstAnswer(l.all, killAt, dead, victim.id)
-	l.mu.Unlock()
-	failover := first.Sub(killAt)
+	failover := l.failover(killAt, dead, victim.id)
 	t.Logf("failover after SIGKILL: first answer on a dead shard by another worker after %v; stats show its shards re-owned within %v: %v",
 		failover.Round(time.Millisecond), reowned.Round(time.Millisecond), after.counts())
 	if failover > 15*time.Second {
