@@ -37,20 +37,6 @@ import (
 	"github.com/isode-run/isode/pkg/protocol"
 )
 
-// poll calls f until it returns true or d passes, and reports whether it did.
-func poll(d time.Duration, f func() bool) bool {
-	deadline := time.Now().Add(d)
-	for {
-		if f() {
-			return true
-		}
-		if time.Now().After(deadline) {
-			return false
-		}
-		time.Sleep(25 * time.Millisecond)
-	}
-}
-
 // --- a NATS server that can be restarted ------------------------------------
 
 // restartableNATS is an embedded JetStream server whose port and store stay
@@ -494,7 +480,7 @@ const (
 func (h *hostile) settle(t testing.TB, before footprint) {
 	t.Helper()
 	var why string
-	ok := poll(30*time.Second, func() bool {
+	ok := testenv.Poll(30*time.Second, func() bool {
 		list := h.list(t)
 		st, err := h.stats()
 		if err != nil {

@@ -27,6 +27,7 @@ import (
 	"github.com/docker/docker/api/types/filters"
 	"github.com/nats-io/nats.go"
 
+	"github.com/isode-run/isode/internal/testenv"
 	isode "github.com/isode-run/isode/pkg/client"
 	"github.com/isode-run/isode/pkg/dockerx"
 	"github.com/isode-run/isode/pkg/protocol"
@@ -55,10 +56,10 @@ func TestHostile(t *testing.T) {
 
 	// A graceful stop leaves nothing: no container, no goroutine of the worker.
 	h.w.shutdown(t)
-	if !poll(20*time.Second, func() bool { return len(h.list(t)) == 0 }) {
+	if !testenv.Poll(20*time.Second, func() bool { return len(h.list(t)) == 0 }) {
 		t.Errorf("%d containers left after the worker stopped", len(h.list(t)))
 	}
-	if !poll(20*time.Second, func() bool { return ownGoroutines() <= g0+goroutineSlack }) {
+	if !testenv.Poll(20*time.Second, func() bool { return ownGoroutines() <= g0+goroutineSlack }) {
 		t.Errorf("%d goroutines after the worker stopped, %d before it started:\n%s", ownGoroutines(), g0, goroutineDump())
 	}
 	h.writeSummary(t, time.Since(began))
@@ -234,7 +235,7 @@ func (h *hostile) processes(t *testing.T) {
 	onlyAgent := func(t *testing.T, key string) []int {
 		t.Helper()
 		var pids []int
-		ok := poll(10*time.Second, func() bool {
+		ok := testenv.Poll(10*time.Second, func() bool {
 			pids = nil
 			json.Unmarshal([]byte(h.mustRun(t, key, procs)), &pids)
 			return len(pids) == 2 // the init and the agent
@@ -684,7 +685,7 @@ func (h *hostile) misuse(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer sub.Unsubscribe()
-		if !poll(10*time.Second, func() bool {
+		if !testenv.Poll(10*time.Second, func() bool {
 			m := nats.NewMsg(thief.subject)
 			m.Data = thief.body
 			m.Header.Set(protocol.HeaderMsgID, id)
@@ -811,7 +812,7 @@ func (h *hostile) faults(t *testing.T, bin func(testing.TB) string) {
 		if protocol.CodeOf(err) != protocol.CodeTimeout {
 			t.Fatalf("the run in flight: %v, want timeout", err)
 		}
-		if !poll(15*time.Second, func() bool {
+		if !testenv.Poll(15*time.Second, func() bool {
 			_, err := h.e.cli.ContainerInspect(context.Background(), id)
 			return err != nil
 		}) {
@@ -835,7 +836,7 @@ func (h *hostile) faults(t *testing.T, bin func(testing.TB) string) {
 		}
 		h.proxy.setCut(false)
 		// Service resumes for old and new tenants...
-		if !poll(30*time.Second, func() bool {
+		if !testenv.Poll(30*time.Second, func() bool {
 			_, err := h.run("fault-docker-after", trivial, 5*time.Second, 20*time.Second)
 			return err == nil
 		}) {
@@ -878,7 +879,7 @@ func (h *hostile) faults(t *testing.T, bin func(testing.TB) string) {
 		down := time.Now()
 		h.nats.start()
 		var back time.Duration
-		if !poll(30*time.Second, func() bool {
+		if !testenv.Poll(30*time.Second, func() bool {
 			_, err := h.run("fault-nats-after", trivial, 5*time.Second, 3*time.Second)
 			return err == nil
 		}) {
@@ -919,7 +920,7 @@ func (h *hostile) killedWorker(t *testing.T, bin string) outcome {
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
-		if !poll(60*time.Second, func() bool { return strings.Contains(log.String(), "worker ready") }) {
+		if !testenv.Poll(60*time.Second, func() bool { return strings.Contains(log.String(), "worker ready") }) {
 			cmd.Process.Kill()
 			cmd.Wait()
 			t.Fatalf("worker not ready:\n%s", log.String())
@@ -955,7 +956,7 @@ func (h *hostile) killedWorker(t *testing.T, bin string) outcome {
 		longRes, err = run("hk-tenant", `return function (cb) { setTimeout(() => cb(null, require("os").hostname()), 1500) }`, 5*time.Second)
 		long <- err
 	}()
-	if !poll(10*time.Second, func() bool {
+	if !testenv.Poll(10*time.Second, func() bool {
 		m, err := h.e.nc.Request(protocol.StatsSubject(prefix), nil, 2*time.Second)
 		if err != nil {
 			return false
@@ -986,7 +987,7 @@ func (h *hostile) killedWorker(t *testing.T, bin string) outcome {
 		}
 		return n, states, unstarted
 	}
-	if !poll(20*time.Second, func() bool { n, _, _ := running(); return n == 0 }) {
+	if !testenv.Poll(20*time.Second, func() bool { n, _, _ := running(); return n == 0 }) {
 		_, states, _ := running()
 		t.Fatalf("containers outlived their SIGKILLed worker by 20s: %v", states)
 	}

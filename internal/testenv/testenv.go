@@ -123,3 +123,17 @@ func Node(t testing.TB) string {
 	}
 	return p
 }
+
+// Poll calls f until it returns true or d passes, and reports whether it did.
+func Poll(d time.Duration, f func() bool) bool {
+	deadline := time.Now().Add(d)
+	for {
+		if f() {
+			return true
+		}
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

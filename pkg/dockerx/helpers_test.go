@@ -80,7 +80,7 @@ func (e *env) containers() []container.Summary {
 func (e *env) waitNoContainers(d time.Duration) {
 	e.t.Helper()
 	var left []container.Summary
-	ok := poll(d, func() bool {
+	ok := testenv.Poll(d, func() bool {
 		left = e.containers()
 		return len(left) == 0
 	})
@@ -101,20 +101,6 @@ func (e *env) create(tenant string) *dockerx.Sandbox {
 		e.t.Fatalf("Create: %v", err)
 	}
 	return s
-}
-
-// poll calls f until it returns true or d passes; it reports whether f did.
-func poll(d time.Duration, f func() bool) bool {
-	deadline := time.Now().Add(d)
-	for {
-		if f() {
-			return true
-		}
-		if time.Now().After(deadline) {
-			return false
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
 }
 
 func randomHex(n int) string {

@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/docker/docker/api/types/container"
+
+	"github.com/isode-run/isode/internal/testenv"
 	"github.com/isode-run/isode/pkg/dockerx"
 	"github.com/isode-run/isode/pkg/protocol"
 )
@@ -21,7 +23,7 @@ func startLongRun(t *testing.T, s *dockerx.Sandbox) <-chan error {
 		ch <- err
 	}()
 	// The run is in flight once the agent reports a busy Worker.
-	if !poll(5*time.Second, func() bool {
+	if !testenv.Poll(5*time.Second, func() bool {
 		st, err := s.Ping(context.Background())
 		return err == nil && st.Busy == 1
 	}) {
@@ -313,7 +315,7 @@ func TestRuntimeCloseDuringCreate(t *testing.T) {
 		}()
 	}
 	// Close as soon as the engine has at least one more container.
-	poll(10*time.Second, func() bool { return len(e.containers()) > 1 })
+	testenv.Poll(10*time.Second, func() bool { return len(e.containers()) > 1 })
 	if err := e.rt.Close(ctx); err != nil {
 		t.Fatalf("Close: %v", err)
 	}

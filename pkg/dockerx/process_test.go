@@ -73,7 +73,7 @@ func TestDeadManSwitch(t *testing.T) {
 	cmd.Wait()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	if !poll(15*time.Second, func() bool {
+	if !testenv.Poll(15*time.Second, func() bool {
 		_, err := e.cli.ContainerInspect(ctx, id)
 		return err != nil
 	}) {
