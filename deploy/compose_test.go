@@ -8,7 +8,6 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"strings"
@@ -75,7 +74,7 @@ func TestComposeRoundTrip(t *testing.T) {
 		"ISODE_COMPOSE_PROJECT="+project,
 		"ISODE_WORKER_IMAGE="+workerImage,
 		"ISODE_NATS_IMAGE="+natsImage,
-		fmt.Sprintf("ISODE_NATS_PORT=%d", freePort(t)),
+		fmt.Sprintf("ISODE_NATS_PORT=%d", testenv.FreePort(t)),
 		"WORKERS=3",
 	)
 	// Whatever happens to the script, the project goes away.
@@ -143,14 +142,4 @@ func randomHex(n int) string {
 	b := make([]byte, n)
 	rand.Read(b)
 	return hex.EncodeToString(b)
-}
-
-func freePort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
 }

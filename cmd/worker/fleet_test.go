@@ -11,7 +11,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -70,23 +69,13 @@ func newDeployNATS(t testing.TB) *deployNATS {
 		t.Fatalf("deploy/nats.conf: %v", err)
 	}
 	opts.Host = "127.0.0.1"
-	opts.Port = freeTCPPort(t)
+	opts.Port = testenv.FreePort(t)
 	opts.StoreDir = t.TempDir()
 	opts.NoSigs = true
 	n.opts = opts
 	n.start()
 	t.Cleanup(n.shutdown)
 	return n
-}
-
-func freeTCPPort(t testing.TB) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
 }
 
 func (n *deployNATS) start() {

@@ -50,10 +50,7 @@ type restartableNATS struct {
 
 func startRestartableNATS(t testing.TB) *restartableNATS {
 	t.Helper()
-	opts := natstest.DefaultTestOptions
-	opts.Port = -1
-	opts.JetStream = true
-	opts.StoreDir = t.TempDir()
+	opts := testenv.NATSOptions(t)
 	s := natstest.RunServer(&opts)
 	opts.Port = s.Addr().(*net.TCPAddr).Port
 	n := &restartableNATS{t: t, opts: opts, s: s}

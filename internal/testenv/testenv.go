@@ -7,6 +7,7 @@ package testenv
 
 import (
 	"context"
+	"net"
 	"os"
 	"os/exec"
 	"strings"
@@ -104,10 +105,7 @@ func RemoveByLabel(t testing.TB, cli *client.Client, key, value string) int {
 // loopback port, with its store under t.TempDir(), and stops it at cleanup.
 func NATS(t testing.TB) *natsserver.Server {
 	t.Helper()
-	opts := natstest.DefaultTestOptions
-	opts.Port = -1
-	opts.JetStream = true
-	opts.StoreDir = t.TempDir()
+	opts := NATSOptions(t)
 	s := natstest.RunServer(&opts)
 	t.Cleanup(s.Shutdown)
 	return s
@@ -136,4 +134,25 @@ func Poll(d time.Duration, f func() bool) bool {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// NATSOptions are the options of NATS: JetStream on, a random loopback
+// port, the store under t.TempDir().
+func NATSOptions(t testing.TB) natsserver.Options {
+	opts := natstest.DefaultTestOptions
+	opts.Port = -1
+	opts.JetStream = true
+	opts.StoreDir = t.TempDir()
+	return opts
+}
+
+// FreePort returns a TCP port free on the loopback interface just now.
+func FreePort(t testing.TB) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
 }
