@@ -62,10 +62,17 @@ type e2e struct {
 
 func newE2E(t *testing.T) *e2e {
 	t.Helper()
+	return connectE2E(t, func() string { return testenv.NATS(t).ClientURL() })
+}
+
+// connectE2E checks for the engine and the sandbox image, then starts a
+// NATS server with startNATS and connects a client to it with opts.
+func connectE2E(t *testing.T, startNATS func() string, opts ...nats.Option) *e2e {
+	t.Helper()
 	cli := testenv.Docker(t)
 	img := testenv.Image(t, cli)
-	s := testenv.NATS(t)
-	nc, err := nats.Connect(s.ClientURL())
+	url := startNATS()
+	nc, err := nats.Connect(url, opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -75,7 +82,7 @@ func newE2E(t *testing.T) *e2e {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close() })
-	return &e2e{t: t, url: s.ClientURL(), cli: cli, image: img, nc: nc, c: c}
+	return &e2e{t: t, url: url, cli: cli, image: img, nc: nc, c: c}
 }
 
 // worker is a worker running in this process through run(), exactly as

@@ -220,24 +220,13 @@ type summaryRow struct {
 // reaches the engine through the proxy.
 func newHostile(t *testing.T, args ...string) *hostile {
 	t.Helper()
-	cli := testenv.Docker(t)
-	img := testenv.Image(t, cli)
-	ns := startRestartableNATS(t)
-	nc, err := nats.Connect(ns.url(), nats.MaxReconnects(-1), nats.ReconnectWait(100*time.Millisecond), nats.ReconnectBufSize(64<<20))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	c, err := isode.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	e := &e2e{t: t, url: ns.url(), cli: cli, image: img, nc: nc, c: c}
+	var ns *restartableNATS
+	e := connectE2E(t, func() string { ns = startRestartableNATS(t); return ns.url() },
+		nats.MaxReconnects(-1), nats.ReconnectWait(100*time.Millisecond), nats.ReconnectBufSize(64<<20))
 	proxy := startDockerProxy(t)
 	t.Setenv("DOCKER_HOST", "unix://"+proxy.path) // the worker's engine, not e.cli's
 	h := &hostile{e: e, nats: ns, proxy: proxy, high: 10}
-	h.js, _ = jetstream.New(nc)
+	h.js, _ = jetstream.New(e.nc)
 	h.g0 = ownGoroutines()
 	all := append([]string{"--log-level", envOr("ISODE_HOSTILE_LOG_LEVEL", "info"), "--low", "2", "--high", strconv.Itoa(h.high), "--ack-wait", "2s"}, args...)
 	h.w = e.start(all...)
