@@ -20,10 +20,11 @@ type replyCache struct {
 }
 
 type cached struct {
-	id      string
-	reply   []byte
-	header  map[string][]string
-	expires time.Time
+	id       string
+	reply    []byte
+	header   map[string][]string
+	deadline time.Time // the request's: a replay is offered until then
+	expires  time.Time
 }
 
 func newReplyCache(ttl time.Duration, maxBytes int) *replyCache {

@@ -44,9 +44,27 @@ type Config struct {
 	// MaxDeliver bounds deliveries of one request; -1 (the default) is
 	// unlimited. Every hand-back (a worker shutting down, a tenant's queue
 	// full) is a delivery, so a bound would drop requests under load; the
-	// request's own deadline bounds its life instead: past it, a worker
-	// answers queue_timeout and never runs it.
+	// request's own deadline bounds its life instead (see MaxQueueWait),
+	// and MaxFailures ends a poison request.
 	MaxDeliver int
+	// MaxFailures is how many deliveries of one request may end without an
+	// answer (the worker died while it ran, or could not publish the
+	// reply) before the next worker to take it gives up: it answers
+	// dead_lettered, copies the request to protocol.DeadSubject and
+	// terminates it. Hand-backs on purpose (a full tenant queue, a
+	// shutdown, an unconfirmed reply) do not count.
+	MaxFailures int
+	// MaxQueueWait bounds how long a request may wait (in the stream and
+	// in the pool) before it runs: its effective deadline is at most the
+	// time the stream stored it plus MaxQueueWait plus MaxTimeout, whatever
+	// deadline it asks for. The stream's MaxAge is that bound plus
+	// AckWait, a backstop for requests no worker takes.
+	MaxQueueWait time.Duration
+	// MaxControlLine is the max_control_line of the NATS server (4096
+	// unless its configuration says otherwise). The server closes a
+	// connection that publishes a longer protocol line, so every subject a
+	// worker publishes to is checked against it first.
+	MaxControlLine int
 	// StreamMaxMsgs and StreamMaxBytes bound the request stream; a full
 	// stream rejects new requests at once (the client sees "overloaded").
 	StreamMaxMsgs  int64
@@ -95,6 +113,9 @@ func DefaultConfig() Config {
 		PullHeartbeat:   time.Second,
 		PullBuffer:      2,
 		MaxDeliver:      -1,
+		MaxFailures:     3,
+		MaxQueueWait:    time.Minute,
+		MaxControlLine:  4096,
 		StreamMaxMsgs:   100_000,
 		StreamMaxBytes:  1 << 30,
 		StreamReplicas:  1,
@@ -149,8 +170,22 @@ func (c *Config) Validate() error {
 		return bad("reply ack wait", "%v must be at most half the ack wait %v", c.ReplyAckWait, c.AckWait)
 	case c.ReplyCacheBytes < 0:
 		return bad("reply cache bytes", "must not be negative")
+	case c.MaxFailures < 1 || c.MaxFailures > 100:
+		return bad("max failures", "%d is not in [1, 100]", c.MaxFailures)
+	case c.MaxQueueWait < time.Second || c.MaxQueueWait > 24*time.Hour:
+		return bad("max queue wait", "%v is not in [1s, 24h]", c.MaxQueueWait)
+	case c.MaxControlLine < 1024 || c.MaxControlLine > 1<<20:
+		return bad("max control line", "%d is not in [1024, 1048576]", c.MaxControlLine)
 	}
 	return nil
+}
+
+// requestLifetime is the longest a request can stay in the stream: its
+// longest wait, its longest run, and one ack wait for a worker that died
+// holding it. It is the stream's MaxAge, which JetStream wants no shorter
+// than the duplicate window.
+func (c *Config) requestLifetime() time.Duration {
+	return max(c.MaxQueueWait+c.MaxTimeout+c.AckWait, c.DuplicateWindow)
 }
 
 // replyAckWait returns ReplyAckWait, or its default when zero.

@@ -1,7 +1,7 @@
 package fleet
 
 import (
-	"strconv"
+	"crypto/rand"
 	"strings"
 	"sync"
 	"time"
@@ -20,13 +20,16 @@ import (
 // way, or when the wait runs out, the request's callback learns whether
 // the reply was delivered. One subscription and one timer per waiting
 // reply; no goroutine waits.
+//
+// Each reply's subject ends in a random 128-bit token: another connection
+// cannot guess one, so it can neither confirm a reply nobody received nor
+// forge the no-responders status that has a reply sent again.
 type confirmations struct {
 	prefix string // "_ISODE_ACK.<nuid>."
 	wait   time.Duration
 
 	mu      sync.Mutex
 	sub     *nats.Subscription
-	next    uint64
 	waiting map[string]*confirmation
 }
 
@@ -70,16 +73,29 @@ func (c *confirmations) unsubscribe() {
 // expect registers a reply about to be published and returns the subject to
 // publish it with as its reply subject. done is called exactly once, with
 // true when the requester confirmed the reply, false when nobody listened
-// or no confirmation came within the wait.
-func (c *confirmations) expect(done func(delivered bool)) string {
-	c.mu.Lock()
-	c.next++
-	token := strconv.FormatUint(c.next, 36)
+// or no confirmation came within the wait, unless cancel is called first
+// and returns true (the reply was never published).
+func (c *confirmations) expect(done func(delivered bool)) (subject string, cancel func() bool) {
+	token := rand.Text()
 	cf := &confirmation{done: done}
+	c.mu.Lock()
 	c.waiting[token] = cf
 	cf.timer = time.AfterFunc(c.wait, func() { c.resolve(token, false) })
 	c.mu.Unlock()
-	return c.prefix + token
+	return c.prefix + token, func() bool { return c.take(token) != nil }
+}
+
+// take removes a waiting confirmation; nil when it was resolved already.
+func (c *confirmations) take(token string) *confirmation {
+	c.mu.Lock()
+	cf, ok := c.waiting[token]
+	delete(c.waiting, token)
+	c.mu.Unlock()
+	if !ok {
+		return nil
+	}
+	cf.timer.Stop()
+	return cf
 }
 
 func (c *confirmations) receive(m *nats.Msg) {
@@ -93,13 +109,7 @@ func (c *confirmations) receive(m *nats.Msg) {
 }
 
 func (c *confirmations) resolve(token string, delivered bool) {
-	c.mu.Lock()
-	cf, ok := c.waiting[token]
-	delete(c.waiting, token)
-	c.mu.Unlock()
-	if !ok {
-		return // resolved already (a late or repeated confirmation)
-	}
-	cf.timer.Stop()
-	cf.done(delivered)
+	if cf := c.take(token); cf != nil {
+		cf.done(delivered)
+	} // else resolved already (a late or repeated confirmation)
 }

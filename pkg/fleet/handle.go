@@ -6,50 +6,43 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
-	"strconv"
-	"strings"
 	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
-	"github.com/rs/zerolog"
 
 	"github.com/isode-run/isode/pkg/protocol"
 )
 
-// handle answers one delivered request. It always ends the message's
-// delivery one way: acked after a reply, terminated when it can never
-// succeed, or given back (nak) when this worker cannot take it now.
+// handle answers one delivered request. Everything it reads from the
+// message is checked at the boundary first (reply subject, id, deadline,
+// body); the delivery value then ends the message exactly one way.
 func (w *Worker) handle(msg jetstream.Msg, shard int) {
 	defer w.handlers.Done()
 	defer w.gate.release()
-	began := time.Now()
+	d := w.newDelivery(msg, shard)
 
-	h := msg.Headers()
-	id := h.Get(protocol.HeaderMsgID)
-	replyTo := h.Get(protocol.HeaderReplyTo)
-	ev := w.log.Debug().Str("id", id).Int("shard", shard)
-
-	if err := w.checkReplyTo(replyTo); err != nil {
+	if err := protocol.ValidateReplyTo(msg.Headers().Get(protocol.HeaderReplyTo), w.cfg.Prefix); err != nil {
 		// Nobody can be told; the request can never be answered.
-		w.log.Warn().Str("id", id).Int("shard", shard).Err(err).Msg("dropping request without a usable reply subject")
-		w.term(msg, err.Error())
+		d.deadLetter(err.Error())
 		return
 	}
-	if id == "" {
-		w.answer(msg, replyTo, "", protocol.Errorf(protocol.CodeBadRequest, "header %s (the request id) is missing", protocol.HeaderMsgID), nil, 0, ev, began)
+	d.replyTo = msg.Headers().Get(protocol.HeaderReplyTo)
+	if err := protocol.ValidateRequestID(msg.Headers().Get(protocol.HeaderMsgID)); err != nil {
+		d.answer(err, nil, 0)
 		return
 	}
+	d.id = msg.Headers().Get(protocol.HeaderMsgID)
+	d.key = messageKey(msg, d.id)
 
 	// A redelivery of a request this worker answered already: answer again.
-	key := messageKey(msg, id)
-	if c, ok := w.cache.get(key, time.Now()); ok {
-		w.reply(msg, replyTo, c.header, c.reply, w.ack)
-		ev.Str("outcome", "replayed").Dur("took", time.Since(began)).Msg("request")
+	if c, ok := w.cache.get(d.key, time.Now()); ok {
+		d.deadline = c.deadline
+		d.send(c.header, c.reply, "replayed")
 		return
 	}
 	// A redelivery of a request still running here: wait for it.
-	if done, running := w.joinInflight(key); running {
+	if done, running := w.joinInflight(d.key); running {
 		stop := w.keepAlive(msg)
 		select {
 		case <-done:
@@ -58,47 +51,53 @@ func (w *Worker) handle(msg jetstream.Msg, shard int) {
 			return
 		}
 		stop()
-		c, ok := w.cache.get(key, time.Now())
+		c, ok := w.cache.get(d.key, time.Now())
 		if !ok {
 			// The first delivery was handed back unanswered: so is this one.
-			w.nak(msg, w.cfg.RetryDelay)
+			d.handBack(w.cfg.RetryDelay, "joined a run that was handed back")
 			return
 		}
-		w.reply(msg, replyTo, c.header, c.reply, w.ack)
-		ev.Str("outcome", "joined").Dur("took", time.Since(began)).Msg("request")
+		d.deadline = c.deadline
+		d.send(c.header, c.reply, "joined")
 		return
 	}
-	defer w.leaveInflight(key)
+	defer w.leaveInflight(d.key)
+
+	if n := d.failures(); n >= uint64(w.cfg.MaxFailures) {
+		err := protocol.Errorf(protocol.CodeDeadLettered,
+			"the request was delivered %d times and %d ended without an answer (a worker died while it ran, or its reply could not be published): it is not run again and was copied to %s",
+			d.md.NumDelivered, n, protocol.DeadSubject(w.cfg.Prefix, shard))
+		d.answer(err, nil, 0)
+		return
+	}
 
 	req, err := protocol.DecodeRequest(msg.Data())
 	if err != nil {
-		w.answer(msg, replyTo, id, err, nil, 0, ev, began)
+		d.answer(err, nil, 0)
 		return
 	}
-	ev = ev.Str("tenant", req.IsolateKey)
+	d.tenant = req.IsolateKey
 	if want := protocol.Shard(req.IsolateKey, w.cfg.Shards); want != shard {
-		w.answer(msg, replyTo, id, protocol.Errorf(protocol.CodeBadRequest,
-			"isolate key %q belongs to shard %d (FNV-1a 32 mod %d) but was published to shard %d", req.IsolateKey, want, w.cfg.Shards, shard), nil, 0, ev, began)
+		d.answer(protocol.Errorf(protocol.CodeBadRequest,
+			"isolate key %q belongs to shard %d (FNV-1a 32 mod %d) but was published to shard %d", req.IsolateKey, want, w.cfg.Shards, shard), nil, 0)
 		return
 	}
-	deadline, err := w.deadline(msg, req.Timeout())
+	b, err := w.budgetOf(d, req)
 	if err != nil {
-		w.answer(msg, replyTo, id, err, nil, 0, ev, began)
+		d.answer(err, nil, 0)
 		return
 	}
-	if !time.Now().Before(deadline) {
-		w.answer(msg, replyTo, id, protocol.Errorf(protocol.CodeQueueTimeout,
-			"the request's deadline passed %v before a worker took it; it was not run", time.Since(deadline).Round(time.Millisecond)), nil, 0, ev, began)
+	d.deadline = b.deadline
+	if !time.Now().Before(b.deadline) {
+		d.answer(protocol.Errorf(protocol.CodeQueueTimeout,
+			"the request's deadline passed %v before a worker took it; it was not run", time.Since(b.deadline).Round(time.Millisecond)), nil, 0)
 		return
-	}
-	if req.Timeout() > w.cfg.MaxTimeout {
-		req.TimeoutMs = w.cfg.MaxTimeout.Milliseconds()
 	}
 
-	ctx, cancel := context.WithDeadline(w.runCtx, deadline)
+	ctx, cancel := context.WithDeadline(w.runCtx, b.deadline)
 	stop := w.keepAlive(msg)
 	runStart := time.Now()
-	res, err := w.run.Run(ctx, req)
+	res, err := w.run.Run(ctx, b.request(req))
 	runTime := time.Since(runStart)
 	stop()
 	cancel()
@@ -108,69 +107,54 @@ func (w *Worker) handle(msg jetstream.Msg, shard int) {
 		// Aborted: leave the message for redelivery elsewhere.
 		return
 	case errors.Is(err, protocol.ErrShuttingDown):
-		w.nak(msg, 0)
-		ev.Str("outcome", "handed back").Msg("request")
+		d.handBack(0, "handed back")
 		return
 	case errors.Is(err, protocol.ErrOverloaded):
 		// This tenant's queue here is full: let the stream hold the request
 		// and offer it again shortly, so other tenants keep flowing.
-		w.nak(msg, w.retryDelay(msg))
-		ev.Str("outcome", "deferred").Msg("request")
+		d.handBack(w.retryDelay(msg), "deferred")
 		return
 	case errors.Is(err, context.DeadlineExceeded):
 		err = protocol.Errorf(protocol.CodeQueueTimeout, "the request's deadline passed before it could run")
 	case err != nil && errors.Is(err, context.Canceled):
 		err = protocol.Errorf(protocol.CodeShuttingDown, "the worker stopped while the request ran")
 	}
-	w.answer(msg, replyTo, id, err, res, runTime, ev, began)
+	d.answer(err, res, runTime)
 }
 
-// answer builds, caches and publishes the reply, then acks (or terminates a
-// request that can never succeed).
-func (w *Worker) answer(msg jetstream.Msg, replyTo, id string, runErr error, res *protocol.Result, runTime time.Duration, ev *zerolog.Event, began time.Time) {
-	rep := protocol.Reply{V: protocol.Version, ID: id, Worker: w.cfg.WorkerID, RunMicros: runTime.Microseconds()}
-	if res != nil {
-		rep.Console, rep.ConsoleTruncated = res.Console, res.ConsoleTruncated
-	}
-	if runErr != nil {
-		rep.Error = protocol.AsError(runErr)
-	} else if res == nil || len(res.Value) == 0 {
-		rep.Result = json.RawMessage("null")
-	} else {
-		rep.Result = res.Value
-	}
-	data, err := json.Marshal(&rep)
-	if err == nil && len(data) > int(w.nc.MaxPayload())-4096 {
-		rep.Result, rep.Console = nil, ""
-		rep.Error = protocol.Errorf(protocol.CodeOutputTooLarge, "the reply is %d bytes, over this NATS server's message limit", len(data))
-		data, err = json.Marshal(&rep)
-	}
+// budget is a request's time on this worker, computed once when it is
+// taken and passed down: every later decision reads it.
+type budget struct {
+	// deadline ends the request, run or not: the deadline it asked for,
+	// but never later than the time the stream stored it plus the longest
+	// queue wait and its run timeout.
+	deadline time.Time
+	// run is the snippet's timeout: what it asked for, at most MaxTimeout.
+	run time.Duration
+}
+
+// budgetOf computes the budget of a decoded request.
+func (w *Worker) budgetOf(d *delivery, req *protocol.Request) (budget, error) {
+	asked, err := protocol.ParseDeadline(d.msg.Headers().Get(protocol.HeaderDeadline))
 	if err != nil {
-		rep = protocol.Reply{V: protocol.Version, ID: id, Worker: w.cfg.WorkerID,
-			Error: protocol.Errorf(protocol.CodeInternal, "encode reply: %v", err)}
-		data, _ = json.Marshal(&rep)
+		return budget{}, err
 	}
-	hdr := nats.Header{}
-	hdr.Set(protocol.HeaderRequestID, id)
-	if rep.Error != nil {
-		hdr.Set(protocol.HeaderErrorCode, string(rep.Error.Code))
-		hdr.Set(protocol.HeaderServiceError, rep.Error.Message)
-		hdr.Set(protocol.HeaderServiceErrorCode, rep.Error.Code.StatusString())
+	b := budget{run: min(req.Timeout(), w.cfg.MaxTimeout)}
+	b.deadline = d.stored.Add(w.cfg.MaxQueueWait + b.run)
+	if !asked.IsZero() && asked.Before(b.deadline) {
+		b.deadline = asked
 	}
-	if id != "" {
-		w.cache.put(&cached{id: messageKey(msg, id), reply: data, header: hdr}, time.Now())
+	return b, nil
+}
+
+// request returns req with the budget's run timeout.
+func (b budget) request(req *protocol.Request) *protocol.Request {
+	if req.Timeout() == b.run {
+		return req
 	}
-	finish := w.ack
-	outcome := "ok"
-	if rep.Error != nil {
-		outcome = string(rep.Error.Code)
-		if rep.Error.Code == protocol.CodeBadRequest {
-			reason := rep.Error.Message
-			finish = func(msg jetstream.Msg) { w.term(msg, reason) }
-		}
-	}
-	w.reply(msg, replyTo, hdr, data, finish)
-	ev.Str("outcome", outcome).Dur("run", runTime).Dur("took", time.Since(began)).Msg("request")
+	r := *req
+	r.TimeoutMs = b.run.Milliseconds()
+	return &r
 }
 
 // retryDelay is how long a handed-back request waits before it is offered
@@ -184,179 +168,48 @@ func (w *Worker) retryDelay(msg jetstream.Msg) time.Duration {
 	return w.cfg.RetryDelay << min(n-1, 3)
 }
 
-// reply publishes a reply, then ends the request's delivery with finish
-// (ack, or term for a request that can never succeed).
-//
-// When the requester asked for confirmed replies (protocol.HeaderReplyAck),
-// finish waits for its confirmation, without holding a goroutine or the
-// worker's capacity. Core NATS delivers a reply only to whoever listens at
-// that moment: if nobody did (the requester's connection was being
-// re-established after a NATS restart, say) or no confirmation comes within
-// ReplyAckWait, the request is handed back to the stream, and its
-// redelivery publishes the reply again from the reply cache, until it is
-// confirmed or the request's deadline passes.
-func (w *Worker) reply(msg jetstream.Msg, replyTo string, hdr nats.Header, data []byte, finish func(jetstream.Msg)) {
-	out := &nats.Msg{Subject: replyTo, Header: hdr, Data: data}
-	if msg.Headers().Get(protocol.HeaderReplyAck) == "" {
-		w.publishReply(out)
-		finish(msg)
-		return
+// encodeReply builds the reply to a request and its headers. A reply that
+// would not fit in one NATS message becomes an output_too_large error.
+func (w *Worker) encodeReply(id string, runErr error, res *protocol.Result, runTime time.Duration) (nats.Header, []byte) {
+	rep := protocol.Reply{V: protocol.Version, ID: id, Worker: w.cfg.WorkerID, RunMicros: runTime.Microseconds()}
+	if res != nil {
+		rep.Console, rep.ConsoleTruncated = res.Console, res.ConsoleTruncated
 	}
-	deadline := w.replyDeadline(msg)
-	w.handlers.Add(1) // Wait waits for the confirmation too
-	out.Reply = w.confirm.expect(func(delivered bool) {
-		defer w.handlers.Done()
-		switch {
-		case w.runCtx.Err() != nil:
-			// Aborted: leave the request for redelivery elsewhere.
-		case delivered:
-			finish(msg)
-		case !time.Now().Before(deadline):
-			w.log.Warn().Str("id", hdr.Get(protocol.HeaderRequestID)).Str("subject", replyTo).
-				Msg("reply never confirmed by the requester before the request's deadline; giving up")
-			finish(msg)
-		default:
-			w.log.Debug().Str("id", hdr.Get(protocol.HeaderRequestID)).Msg("reply not confirmed; the request goes back to the stream to be answered again")
-			w.nak(msg, w.retryDelay(msg))
-		}
-	})
-	w.publishReply(out)
-}
-
-func (w *Worker) publishReply(m *nats.Msg) {
-	if err := w.nc.PublishMsg(m); err != nil {
-		w.log.Warn().Err(err).Str("subject", m.Subject).Msg("publish reply")
-	}
-}
-
-func (w *Worker) ack(msg jetstream.Msg) {
-	if err := msg.Ack(); err != nil {
-		w.log.Warn().Err(err).Msg("ack request")
-	}
-}
-
-func (w *Worker) term(msg jetstream.Msg, reason string) {
-	if len(reason) > 200 {
-		reason = reason[:200]
-	}
-	if err := msg.TermWithReason(reason); err != nil {
-		w.log.Warn().Err(err).Msg("terminate request")
-	}
-}
-
-func (w *Worker) nak(msg jetstream.Msg, delay time.Duration) {
-	var err error
-	if delay > 0 {
-		err = msg.NakWithDelay(delay)
+	if runErr != nil {
+		rep.Error = protocol.AsError(runErr)
+	} else if res == nil || len(res.Value) == 0 {
+		rep.Result = json.RawMessage("null")
 	} else {
-		err = msg.Nak()
+		rep.Result = res.Value
 	}
+	data, err := json.Marshal(&rep)
 	if err != nil {
-		w.log.Warn().Err(err).Msg("hand back request")
+		rep = protocol.Reply{V: protocol.Version, ID: id, Worker: w.cfg.WorkerID,
+			Error: protocol.Errorf(protocol.CodeInternal, "encode reply: %v", err)}
+		data, _ = json.Marshal(&rep)
 	}
+	hdr := replyHeader(id, rep.Error)
+	if room := w.out.room(hdr); len(data) > room {
+		size := len(data)
+		rep.Result, rep.Console, rep.ConsoleTruncated = nil, "", false
+		rep.Error = protocol.Errorf(protocol.CodeOutputTooLarge, "the reply is %d bytes, over this NATS server's message limit", size)
+		data, _ = json.Marshal(&rep)
+		hdr = replyHeader(id, rep.Error)
+	}
+	return hdr, data
 }
 
-// keepAlive tells JetStream the request is still being worked on (see
-// progress) until the returned stop is called.
-func (w *Worker) keepAlive(msg jetstream.Msg) (stop func()) {
-	t := &tracked{msg: msg, since: time.Now()}
-	w.progressMu.Lock()
-	w.progress[t] = struct{}{}
-	w.progressMu.Unlock()
-	return func() {
-		w.progressMu.Lock()
-		delete(w.progress, t)
-		w.progressMu.Unlock()
+func replyHeader(id string, e *protocol.Error) nats.Header {
+	hdr := nats.Header{}
+	if id != "" {
+		hdr.Set(protocol.HeaderRequestID, id)
 	}
-}
-
-// tracked is a request in progress.
-type tracked struct {
-	msg   jetstream.Msg
-	since time.Time
-}
-
-// signalProgress runs until ctx ends: every AckWait/3 it sends a progress
-// signal for each request held longer than that, so JetStream does not
-// redeliver requests that wait in the pool or run long. One goroutine
-// serves every request.
-func (w *Worker) signalProgress(ctx context.Context) {
-	every := w.cfg.AckWait / 3
-	t := time.NewTicker(every)
-	defer t.Stop()
-	var due []jetstream.Msg
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case now := <-t.C:
-			due = due[:0]
-			w.progressMu.Lock()
-			for r := range w.progress {
-				if now.Sub(r.since) >= every {
-					due = append(due, r.msg)
-				}
-			}
-			w.progressMu.Unlock()
-			for _, m := range due {
-				if err := m.InProgress(); err != nil {
-					w.log.Debug().Err(err).Msg("signal progress")
-				}
-			}
-		}
+	if e != nil {
+		hdr.Set(protocol.HeaderErrorCode, string(e.Code))
+		hdr.Set(protocol.HeaderServiceError, e.Message)
+		hdr.Set(protocol.HeaderServiceErrorCode, e.Code.StatusString())
 	}
-}
-
-// checkReplyTo refuses reply subjects a worker must never publish to: empty
-// or wildcard subjects, the NATS system and JetStream API ($...), and this
-// fleet's own subjects (a reply must not become a request).
-func (w *Worker) checkReplyTo(s string) error {
-	switch {
-	case s == "":
-		return errors.New("header " + protocol.HeaderReplyTo + " is missing")
-	case strings.ContainsAny(s, " \t\r\n*>"):
-		return errors.New("reply subject " + strconv.Quote(s) + " is not a plain subject")
-	case strings.HasPrefix(s, "$"):
-		return errors.New("reply subject " + strconv.Quote(s) + " is reserved for the system")
-	case strings.HasPrefix(s, w.cfg.Prefix+"."):
-		return errors.New("reply subject " + strconv.Quote(s) + " is inside the fleet's own subjects")
-	}
-	return nil
-}
-
-// deadline returns the request's deadline: the header, or (for clients that
-// do not send one) the time the stream stored it plus the run timeout and a
-// queueing allowance.
-func (w *Worker) deadline(msg jetstream.Msg, run time.Duration) (time.Time, error) {
-	v := msg.Headers().Get(protocol.HeaderDeadline)
-	if v == "" {
-		return storedDeadline(msg, run), nil
-	}
-	ms, err := strconv.ParseInt(v, 10, 64)
-	if err != nil || ms <= 0 {
-		return time.Time{}, protocol.Errorf(protocol.CodeBadRequest, "header %s is %q, want Unix milliseconds", protocol.HeaderDeadline, v)
-	}
-	return time.UnixMilli(ms), nil
-}
-
-// replyDeadline is how long a reply is worth sending again: until the
-// request's deadline, taking the longest run for its own when the header
-// is missing or unusable.
-func (w *Worker) replyDeadline(msg jetstream.Msg) time.Time {
-	if d, err := w.deadline(msg, w.cfg.MaxTimeout); err == nil {
-		return d
-	}
-	return storedDeadline(msg, w.cfg.MaxTimeout)
-}
-
-// storedDeadline is the deadline of a request without one: the time the
-// stream stored it plus its run timeout and a queueing allowance.
-func storedDeadline(msg jetstream.Msg, run time.Duration) time.Time {
-	stored := time.Now()
-	if md, err := msg.Metadata(); err == nil {
-		stored = md.Timestamp
-	}
-	return stored.Add(run + 30*time.Second)
+	return hdr
 }
 
 // messageKey names a request for the reply cache and the runs in flight:

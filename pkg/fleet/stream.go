@@ -39,6 +39,9 @@ func (c *Config) streamConfig() jetstream.StreamConfig {
 		MaxBytes:    c.StreamMaxBytes,
 		MaxMsgSize:  protocol.MaxRequestBytes + 16<<10,
 		Duplicates:  c.DuplicateWindow,
+		// A backstop: workers end every request they take within its
+		// bounded deadline; this drops one nobody takes.
+		MaxAge: c.requestLifetime(),
 		Replicas:    c.StreamReplicas,
 		AllowMsgTTL: true,
 		Metadata: map[string]string{
@@ -79,6 +82,17 @@ func ensureStream(ctx context.Context, js jetstream.JetStream, c *Config) (jetst
 	case have.Metadata[metaShards] != want.Metadata[metaShards]:
 		return nil, fmt.Errorf("%w: stream %s was made for %q shards, this worker is configured for %d: every worker and client of a deployment must use the same shard count",
 			ErrIncompatibleStream, want.Name, have.Metadata[metaShards], c.Shards)
+	}
+	if have.MaxAge == 0 {
+		// A stream made before requests' lives were bounded: add the
+		// backstop, leaving the operator's other settings as they are.
+		upd := have
+		upd.MaxAge = max(want.MaxAge, have.Duplicates)
+		if s2, err := js.UpdateStream(ctx, upd); err != nil {
+			c.Logger.Warn().Err(err).Str("stream", want.Name).Msg("add a maximum age to the request stream")
+		} else {
+			s = s2
+		}
 	}
 	return s, nil
 }

@@ -48,6 +48,8 @@ type Worker struct {
 	gate    *gate
 	cache   *replyCache
 	confirm *confirmations
+	out     *outbox
+	ledger  *ledger // set by Start
 
 	// runCtx bounds handlers; cancelled only by Abort.
 	runCtx    context.Context
@@ -96,6 +98,7 @@ func New(nc *nats.Conn, run Runner, stats StatsFunc, cfg Config) (*Worker, error
 		gate:     newGate(cfg.Capacity),
 		cache:    newReplyCache(cfg.ReplyCacheTTL, cfg.ReplyCacheBytes),
 		confirm:  newConfirmations(cfg.replyAckWait()),
+		out:      &outbox{nc: nc, maxControlLine: cfg.MaxControlLine},
 		shards:   make(map[int]*shardLoop),
 		inflight: make(map[string]chan struct{}),
 		progress: make(map[*tracked]struct{}),
@@ -117,6 +120,10 @@ func (w *Worker) Start(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	led, err := openLedger(ctx, w.js, &w.cfg)
+	if err != nil {
+		return err
+	}
 	if err := w.confirm.subscribe(w.nc); err != nil {
 		return fmt.Errorf("subscribe to reply confirmations: %w", err)
 	}
@@ -133,6 +140,7 @@ func (w *Worker) Start(ctx context.Context) error {
 		return ErrStopped
 	}
 	w.stream = s
+	w.ledger = led
 	w.statsSub = sub
 	w.memberKV = kv
 	bgCtx, bgCancel := context.WithCancel(context.Background())
@@ -285,7 +293,14 @@ func (w *Worker) stopBackground() {
 	w.confirm.unsubscribe()
 }
 
+// answerStats answers a stats request. Its reply subject is checked like a
+// request's: a stats request comes from anyone who may publish on the
+// stats subject.
 func (w *Worker) answerStats(m *nats.Msg) {
+	if err := protocol.ValidateReplyTo(m.Reply, w.cfg.Prefix); err != nil {
+		w.log.Debug().Err(err).Msg("stats request without a usable reply subject")
+		return
+	}
 	st := protocol.WorkerStats{
 		V:        protocol.Version,
 		Worker:   w.cfg.WorkerID,
@@ -299,7 +314,7 @@ func (w *Worker) answerStats(m *nats.Msg) {
 		w.log.Error().Err(err).Msg("encode stats")
 		return
 	}
-	if err := m.Respond(data); err != nil {
+	if err := w.out.publish(&nats.Msg{Subject: m.Reply, Data: data}); err != nil {
 		w.log.Debug().Err(err).Msg("answer stats")
 	}
 }

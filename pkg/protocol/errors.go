@@ -34,12 +34,19 @@ const (
 	CodeShuttingDown Code = "shutting_down"
 	// CodeInternal: a fault of the system, not of the request.
 	CodeInternal Code = "internal"
+	// CodeDeadLettered: the fleet gave up on the request after it was
+	// delivered to workers several times without an answer (a worker died
+	// while it ran, or its reply could not be published). It was copied to
+	// the dead-letter subject (DeadSubject) for an operator and is not run
+	// again. Submitting it unchanged is likely to fail the same way.
+	CodeDeadLettered Code = "dead_lettered"
 )
 
 // Codes lists every code, in a stable order.
 var Codes = []Code{
 	CodeBadRequest, CodeCodeError, CodeTimeout, CodeQueueTimeout, CodeOverloaded,
 	CodeOutOfMemory, CodeSandboxCrashed, CodeOutputTooLarge, CodeShuttingDown, CodeInternal,
+	CodeDeadLettered,
 }
 
 // Status returns the numeric, HTTP-like status of a code, as carried in
@@ -64,6 +71,8 @@ func (c Code) Status() int {
 		return 413
 	case CodeShuttingDown:
 		return 503
+	case CodeDeadLettered:
+		return 508 // Loop Detected: it kept coming back without an answer
 	default:
 		return 500
 	}
@@ -129,6 +138,7 @@ var (
 	ErrOutputTooLarge = &Error{Code: CodeOutputTooLarge}
 	ErrShuttingDown   = &Error{Code: CodeShuttingDown}
 	ErrInternal       = &Error{Code: CodeInternal}
+	ErrDeadLettered   = &Error{Code: CodeDeadLettered}
 )
 
 // AsError returns the *Error in err's chain. An error without one becomes

@@ -101,6 +101,11 @@ func ConsumerName(prefix string, shard int) string {
 // themselves.
 func MembersBucket(prefix string) string { return token(prefix) + "_workers" }
 
+// DeliveriesBucket returns the key-value bucket in which workers record the
+// requests they hand back on purpose, to tell a poison request (one whose
+// deliveries keep ending without an answer) from a busy one.
+func DeliveriesBucket(prefix string) string { return token(prefix) + "_deliveries" }
+
 // token makes a prefix usable where NATS names forbid dots and wildcards.
 func token(prefix string) string {
 	return strings.Map(func(r rune) rune {
