@@ -174,8 +174,8 @@ func (c *Config) Validate() error {
 		return bad("max failures", "%d is not in [1, 100]", c.MaxFailures)
 	case c.MaxQueueWait < time.Second || c.MaxQueueWait > 24*time.Hour:
 		return bad("max queue wait", "%v is not in [1s, 24h]", c.MaxQueueWait)
-	case c.MaxControlLine < 1024 || c.MaxControlLine > 1<<20:
-		return bad("max control line", "%d is not in [1024, 1048576]", c.MaxControlLine)
+	case c.MaxControlLine < 512 || c.MaxControlLine > 1<<20:
+		return bad("max control line", "%d is not in [512, 1048576]", c.MaxControlLine)
 	}
 	return nil
 }

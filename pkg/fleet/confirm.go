@@ -33,6 +33,10 @@ type confirmations struct {
 	waiting map[string]*confirmation
 }
 
+// confirmTokenBytes bounds the length of each part of a confirmation
+// subject after the prefix: a nuid (22) and a random token (26).
+const confirmTokenBytes = 26
+
 type confirmation struct {
 	timer *time.Timer
 	done  func(delivered bool)

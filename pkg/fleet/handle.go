@@ -22,7 +22,7 @@ func (w *Worker) handle(msg jetstream.Msg, shard int) {
 	defer w.gate.release()
 	d := w.newDelivery(msg, shard)
 
-	if err := protocol.ValidateReplyTo(msg.Headers().Get(protocol.HeaderReplyTo), w.cfg.Prefix); err != nil {
+	if err := w.checkReplyTo(msg.Headers().Get(protocol.HeaderReplyTo)); err != nil {
 		// Nobody can be told; the request can never be answered.
 		d.deadLetter(err.Error())
 		return
@@ -120,6 +120,15 @@ func (w *Worker) handle(msg jetstream.Msg, shard int) {
 		err = protocol.Errorf(protocol.CodeShuttingDown, "the worker stopped while the request ran")
 	}
 	d.answer(err, res, runTime)
+}
+
+// checkReplyTo checks a reply subject from outside (a request's, a stats
+// request's): the protocol's rules, and the server's limits.
+func (w *Worker) checkReplyTo(s string) error {
+	if err := protocol.ValidateReplyTo(s, w.cfg.Prefix); err != nil {
+		return err
+	}
+	return w.out.replyFits(s)
 }
 
 // budget is a request's time on this worker, computed once when it is

@@ -79,6 +79,18 @@ func (o *outbox) check(m *nats.Msg) error {
 	return nil
 }
 
+// replyFits reports whether a reply to subject can be published with a
+// confirmation subject and a message of any size the server takes, so a
+// request is refused before it runs rather than after.
+func (o *outbox) replyFits(subject string) error {
+	line := len("HPUB ") + len(subject) + 1 + len(protocol.ReplyAckPrefix) + 2*confirmTokenBytes + 2 + 2*len(strconv.FormatInt(o.nc.MaxPayload(), 10)) + 2 + len("\r\n")
+	if line > o.maxControlLine {
+		return protocol.Errorf(protocol.CodeBadRequest, "header %s is %d bytes: a reply to it would not fit the NATS server's protocol line limit of %d bytes",
+			protocol.HeaderReplyTo, len(subject), o.maxControlLine)
+	}
+	return nil
+}
+
 // room returns how many bytes of data a message with these headers may
 // carry under the server's payload limit.
 func (o *outbox) room(h nats.Header) int {

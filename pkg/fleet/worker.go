@@ -297,7 +297,7 @@ func (w *Worker) stopBackground() {
 // request's: a stats request comes from anyone who may publish on the
 // stats subject.
 func (w *Worker) answerStats(m *nats.Msg) {
-	if err := protocol.ValidateReplyTo(m.Reply, w.cfg.Prefix); err != nil {
+	if err := w.checkReplyTo(m.Reply); err != nil {
 		w.log.Debug().Err(err).Msg("stats request without a usable reply subject")
 		return
 	}
