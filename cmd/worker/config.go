@@ -218,6 +218,8 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 
 	fs.dur(&c.Fleet.MaxTimeout, "max-timeout", "ISODE_MAX_TIMEOUT", "cap on a request's run timeout")
 	fs.dur(&c.Fleet.AckWait, "ack-wait", "ISODE_ACK_WAIT", "redelivery delay of a request whose worker went silent")
+	fs.dur(&c.Fleet.MaxQueueWait, "max-queue-wait", "ISODE_MAX_QUEUE_WAIT", "longest a request waits (stream and pool) before it runs, whatever deadline it asks for")
+	fs.int(&c.Fleet.MaxFailures, "max-failures", "ISODE_MAX_FAILURES", "deliveries of one request that may end without an answer (worker died, reply unpublishable) before it is dead-lettered")
 	fs.int64(&c.Fleet.StreamMaxMsgs, "stream-max-msgs", "ISODE_STREAM_MAX_MSGS", "requests the stream holds before it rejects new ones as overloaded")
 	fs.boolean(&c.Fleet.StreamMemory, "stream-memory", "ISODE_STREAM_MEMORY", "keep the request stream in memory: faster, but a restart of a single NATS server loses the requests waiting in it")
 	fs.int(&c.Fleet.StreamReplicas, "stream-replicas", "ISODE_STREAM_REPLICAS", "replicas of the request stream (clustered NATS)")
