@@ -133,7 +133,7 @@ func (s *Sandbox) Run(ctx context.Context, req *protocol.Request) (*protocol.Res
 	}
 	agentBudget := budget - s.rt.cfg.RunMargin
 	if agentBudget < time.Millisecond {
-		return nil, protocol.Errorf(protocol.CodeTimeout, "the deadline passed before the snippet could start")
+		return nil, protocol.Errorf(protocol.CodeQueueTimeout, "the request's deadline passed before the snippet could start")
 	}
 	id := s.nextID.Add(1)
 	frame, err := encodeFrame(agentRequest{
