@@ -358,7 +358,7 @@ func TestPoisonSuite(t *testing.T) {
 			dead.wait(t, "a request without headers", func(m *nats.Msg) bool { return strings.Contains(string(m.Data), key) })
 		}},
 		{"non-JSON and oversize bodies", "bad_request", func(t *testing.T, a *attacker, dead *deadLetterWatch) {
-			for i, b := range [][]byte{[]byte("\x00\xff not json"), []byte(`{"v":1,"isolate_key":"`+atk+`","code":` + strings.Repeat("[", 10000)),
+			for i, b := range [][]byte{[]byte("\x00\xff not json"), []byte(`{"v":1,"isolate_key":"` + atk + `","code":` + strings.Repeat("[", 10000)),
 				append([]byte(`{"v":1,"isolate_key":"`+atk+`","code":"`), append([]byte(strings.Repeat("x", protocol.MaxRequestBytes)), '"', '}')...)} {
 				r, ch := a.replyTo("body" + strconv.Itoa(i))
 				a.publish(atk, b, nats.Header{protocol.HeaderMsgID: {uniq("body" + strconv.Itoa(i))}, protocol.HeaderReplyTo: {r}})

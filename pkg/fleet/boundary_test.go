@@ -11,9 +11,9 @@ import (
 	"testing"
 	"time"
 
+	natstest "github.com/nats-io/nats-server/v2/test"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
-	natstest "github.com/nats-io/nats-server/v2/test"
 
 	"github.com/isode-run/isode/internal/testenv"
 	"github.com/isode-run/isode/pkg/client"

@@ -95,6 +95,29 @@ func shardsOf(self string, members []string, shards int) []int {
 	return out
 }
 
+// memberView is the live set as membership last reconciled it.
+type memberView struct {
+	live []string // sorted
+	// sure is false while the view may be stale: this worker is cut off
+	// (disconnected, its own heartbeat failing) or its watch of the bucket
+	// is being re-established.
+	sure bool
+}
+
+// Alive reports whether the worker id is a live member of the fleet, as
+// far as this worker can tell: whenever it cannot tell (before it has
+// heard the members once, while it is cut off or re-watching), it answers
+// true. It never blocks. The Docker reaper asks it before removing another
+// worker's sandboxes.
+func (w *Worker) Alive(id string) bool {
+	v := w.view.Load()
+	if v == nil || !v.sure {
+		return true
+	}
+	_, found := slices.BinarySearch(v.live, id)
+	return found
+}
+
 // membership runs until ctx ends: it announces this worker, tracks the
 // others and re-owns shards whenever the live set changes. ready is closed
 // after the first reconciliation.
@@ -107,6 +130,8 @@ func (w *Worker) membership(ctx context.Context, kv jetstream.KeyValue, ready ch
 	var current []string           // live set last reconciled
 	var owned []int
 	first := true
+	var updates <-chan jetstream.KeyValueEntry
+	initial := true // the watcher first replays the current keys, then sends nil
 
 	beat := func() {
 		// A put may take longer than a heartbeat on a saturated machine;
@@ -147,6 +172,7 @@ func (w *Worker) membership(ctx context.Context, kv jetstream.KeyValue, ready ch
 		if !first && slices.Equal(want, owned) && slices.Equal(live, current) {
 			return
 		}
+		w.view.Store(&memberView{live: live, sure: selfAlive && !initial && updates != nil})
 		if !slices.Equal(live, current) {
 			log.Info().Strs("members", live).Int("shards", len(want)).Msg("fleet changed")
 		}
@@ -166,7 +192,6 @@ func (w *Worker) membership(ctx context.Context, kv jetstream.KeyValue, ready ch
 		}
 	}
 
-	var updates <-chan jetstream.KeyValueEntry
 	var watcher jetstream.KeyWatcher
 	defer func() {
 		if watcher != nil {
@@ -193,7 +218,6 @@ func (w *Worker) membership(ctx context.Context, kv jetstream.KeyValue, ready ch
 	tick := time.NewTicker(w.cfg.Heartbeat / 4)
 	defer tick.Stop()
 	nextBeat := time.Now().Add(w.cfg.Heartbeat)
-	initial := true // the watcher first replays the current keys, then sends nil
 	reconnects := w.nc.Stats().Reconnects
 	for {
 		select {

@@ -8,9 +8,11 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/isode-run/isode/pkg/client"
 	"github.com/isode-run/isode/pkg/fleet"
+	"github.com/isode-run/isode/pkg/protocol"
 )
 
 func fleetConfig(id string) fleet.Config {
@@ -170,3 +172,53 @@ func keyOnShard(shard, shards int) string {
 }
 
 var _ = client.WithShards
+
+func TestAliveFollowsMembership(t *testing.T) {
+	e := newEnv(t)
+	w1 := startWorker(t, e, echo, fleetConfig("w1"))
+	w2 := startWorker(t, e, echo, fleetConfig("w2"))
+	waitFor(t, 10*time.Second, func() error {
+		if !w1.Alive("w2") || !w2.Alive("w1") || !w1.Alive("w1") {
+			return fmt.Errorf("w1 sees w2: %v, w2 sees w1: %v", w1.Alive("w2"), w2.Alive("w1"))
+		}
+		if w1.Alive("never-was") {
+			return fmt.Errorf("an unknown worker is alive")
+		}
+		return nil
+	})
+	w2.StopPulling()
+	waitFor(t, 10*time.Second, func() error {
+		if w1.Alive("w2") {
+			return fmt.Errorf("w2 left but is alive to w1")
+		}
+		return nil
+	})
+}
+
+func TestFleetIDIsTheStreams(t *testing.T) {
+	e := newEnv(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	cfg := fleetConfig("w1")
+	a, err := fleet.FleetID(ctx, e.nc, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nc2, err := nats.Connect(e.url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc2.Close()
+	b, err := fleet.FleetID(ctx, nc2, cfg)
+	if err != nil || a != b || len(a) != 16 {
+		t.Fatalf("fleet ids %q and %q (%v)", a, b, err)
+	}
+	js, _ := jetstream.New(e.nc)
+	if err := js.DeleteStream(ctx, protocol.StreamName(cfg.Prefix)); err != nil {
+		t.Fatal(err)
+	}
+	c, err := fleet.FleetID(ctx, e.nc, cfg)
+	if err != nil || c == a {
+		t.Fatalf("a stream made anew has fleet id %q, the old one %q (%v)", c, a, err)
+	}
+}

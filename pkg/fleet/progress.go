@@ -57,4 +57,3 @@ func (w *Worker) signalProgress(ctx context.Context) {
 		}
 	}
 }
-

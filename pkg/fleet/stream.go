@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"slices"
 	"strconv"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/isode-run/isode/pkg/protocol"
@@ -41,7 +43,7 @@ func (c *Config) streamConfig() jetstream.StreamConfig {
 		Duplicates:  c.DuplicateWindow,
 		// A backstop: workers end every request they take within its
 		// bounded deadline; this drops one nobody takes.
-		MaxAge: c.requestLifetime(),
+		MaxAge:      c.requestLifetime(),
 		Replicas:    c.StreamReplicas,
 		AllowMsgTTL: true,
 		Metadata: map[string]string{
@@ -119,4 +121,27 @@ func ensureConsumer(ctx context.Context, s jetstream.Stream, c *Config, shard in
 		return nil, fmt.Errorf("create consumer %s: %w", cfg.Durable, err)
 	}
 	return cons, nil
+}
+
+// FleetID names the fleet of workers that share this NATS deployment and
+// prefix: a digest of the request stream's name and creation time, the
+// same for every worker that uses that stream and different for another
+// deployment (or a stream made anew). It creates the stream if missing, as
+// Start does. Workers label their sandboxes with it, so that a worker's
+// reaper only ever removes sandboxes of its own fleet.
+func FleetID(ctx context.Context, nc *nats.Conn, cfg Config) (string, error) {
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return "", fmt.Errorf("jetstream: %w", err)
+	}
+	s, err := ensureStream(ctx, js, &cfg)
+	if err != nil {
+		return "", err
+	}
+	info := s.CachedInfo()
+	h := fnv.New64a()
+	h.Write([]byte(info.Config.Name))
+	h.Write([]byte{0})
+	h.Write([]byte(strconv.FormatInt(info.Created.UnixNano(), 10)))
+	return fmt.Sprintf("%016x", h.Sum64()), nil
 }

@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -63,6 +64,7 @@ type Worker struct {
 	bg         sync.WaitGroup
 
 	// membership loop
+	view         atomic.Pointer[memberView]
 	memberKV     jetstream.KeyValue
 	memberCancel context.CancelFunc
 	memberDone   chan struct{}

@@ -53,11 +53,11 @@ func TestValidateReplyTo(t *testing.T) {
 
 func TestValidateRequestID(t *testing.T) {
 	for give, ok := range map[string]bool{
-		"a":                 true,
-		"4f1c-uuid":         true,
-		"":                  false,
-		"with space":        false,
-		"crlf\r\n":          false,
+		"a":          true,
+		"4f1c-uuid":  true,
+		"":           false,
+		"with space": false,
+		"crlf\r\n":   false,
 		strings.Repeat("i", protocol.MaxRequestIDBytes):   true,
 		strings.Repeat("i", protocol.MaxRequestIDBytes+1): false,
 	} {
