@@ -23,6 +23,7 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/isode-run/isode/pkg/protocol"
 )
@@ -287,7 +288,7 @@ func (c *Client) send(ctx context.Context, id string, shard int, deadline time.T
 	msg.Header.Set(protocol.HeaderReplyAck, "1")
 	// Let the stream drop the request by itself once nobody waits for it.
 	ttl := time.Until(deadline) + c.ttlSlack
-	msg.Header.Set("Nats-TTL", strconv.FormatInt(int64(ttl/time.Second)+1, 10)+"s")
+	msg.Header.Set(jetstream.MsgTTLHeader, strconv.FormatInt(int64(ttl/time.Second)+1, 10)+"s")
 	if err := c.nc.PublishMsg(msg); err != nil {
 		return nil, fmt.Errorf("publish request: %w", err)
 	}
@@ -298,7 +299,7 @@ func (c *Client) send(ctx context.Context, id string, shard int, deadline time.T
 		case m := <-cl.reply:
 			return decodeReply(id, m)
 		case m := <-cl.ack:
-			if err := checkAck(m); err != nil {
+			if err := checkAck(id, m); err != nil {
 				return nil, err
 			}
 			acked = true
@@ -309,34 +310,6 @@ func (c *Client) send(ctx context.Context, id string, shard int, deadline time.T
 			return nil, fmt.Errorf("request %s: no reply: %w", id, ctx.Err())
 		}
 	}
-}
-
-// checkAck turns a JetStream PubAck (or a no-responders status) into an error.
-func checkAck(m *nats.Msg) error {
-	if m.Header.Get("Status") == "503" {
-		return ErrNoStream
-	}
-	var ack struct {
-		Stream string `json:"stream"`
-		Error  *struct {
-			Code        int    `json:"code"`
-			ErrCode     int    `json:"err_code"`
-			Description string `json:"description"`
-		} `json:"error"`
-	}
-	if err := json.Unmarshal(m.Data, &ack); err != nil {
-		return fmt.Errorf("decode stream acknowledgement: %w", err)
-	}
-	if ack.Error == nil {
-		return nil
-	}
-	// 10077: maximum messages exceeded, 10078: maximum bytes exceeded,
-	// 10027 storage resources exceeded: the stream is full.
-	switch ack.Error.ErrCode {
-	case 10077, 10078, 10027, 10047:
-		return protocol.Errorf(protocol.CodeOverloaded, "the request queue is full (%s): retry later", ack.Error.Description)
-	}
-	return protocol.Errorf(protocol.CodeInternal, "the stream refused the request: %s (code %d)", ack.Error.Description, ack.Error.ErrCode)
 }
 
 func decodeReply(id string, m *nats.Msg) (*Result, error) {
