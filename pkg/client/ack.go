@@ -29,6 +29,9 @@ const (
 	errCodeAccountResourcesExceeded jetstream.ErrorCode = 10002
 	// JSInsufficientResourcesErr: a clustered stream's leader has no room.
 	errCodeInsufficientResources jetstream.ErrorCode = 10023
+	// JSStreamDuplicateMessageConflict: a clustered stream is still storing
+	// another message with this id.
+	errCodeDuplicateMessageConflict jetstream.ErrorCode = 10158
 	// JSMessageTTLDisabledErr: the stream was made without AllowMsgTTL.
 	errCodeMessageTTLDisabled jetstream.ErrorCode = 10166
 )
@@ -50,9 +53,9 @@ type pubAck struct {
 
 // checkAck maps the stream's answer to the publish of request id to an
 // error: nil when the request was stored, ErrNoStream when no stream took
-// it, a *protocol.Error when the stream refused it (ErrOverloaded,
-// ErrBadRequest, ErrInternal), and a wrapped decode error when the answer
-// is no PubAck at all.
+// it, a *protocol.Error when the stream did not store it
+// (ErrDuplicateRequest, ErrOverloaded, ErrBadRequest, ErrInternal), and a
+// wrapped decode error when the answer is no PubAck at all.
 func checkAck(id string, m *nats.Msg) error {
 	if len(m.Data) == 0 && m.Header.Get(statusHeader) == statusNoResponders {
 		return ErrNoStream
@@ -62,6 +65,13 @@ func checkAck(id string, m *nats.Msg) error {
 		return fmt.Errorf("decode stream acknowledgement of request %s: %w", id, err)
 	}
 	if ack.Error == nil {
+		if ack.Duplicate {
+			// Not stored: no worker will ever see this copy, so nothing
+			// will answer on its inbox.
+			return protocol.Errorf(protocol.CodeDuplicateRequest,
+				"request id %q was already accepted within the fleet's duplicate window (stream %s, sequence %d), so this copy was not queued and no reply will come to it; the first one's reply goes to whoever sent it. Use a new id (Run picks a random one unless WithRequestID is given) unless you meant to dedupe",
+				id, ack.Stream, ack.Sequence)
+		}
 		return nil
 	}
 	e := ack.Error
@@ -70,6 +80,10 @@ func checkAck(id string, m *nats.Msg) error {
 		errCodeStorageResourcesExceeded, errCodeMemoryResourcesExceeded,
 		errCodeAccountResourcesExceeded, errCodeInsufficientResources:
 		return protocol.Errorf(protocol.CodeOverloaded, "the request queue is full (%s, JetStream code %d): retry later with backoff", e.Description, e.ErrorCode)
+	case errCodeDuplicateMessageConflict:
+		return protocol.Errorf(protocol.CodeDuplicateRequest,
+			"request id %q is being accepted from another submission at this moment (%s), so this copy was not queued and no reply will come to it. Use a new id (Run picks a random one unless WithRequestID is given) unless you meant to dedupe",
+			id, e.Description)
 	case jetstream.JSErrCodeStreamMessageExceedsMaximum:
 		return protocol.Errorf(protocol.CodeBadRequest, "the request stream refused the request as too large (%s): its max message size is set below what the protocol allows; send less code or input, or raise the stream's limit", e.Description)
 	case errCodeMessageTTLDisabled:

@@ -37,6 +37,16 @@ func TestCheckAck(t *testing.T) {
 		{name: "stored in a domain", give: []byte(`{"stream":"ISODE","seq":7,"domain":"hub"}`)},
 		{name: "no stream", giveStatus: "503", wantErr: ErrNoStream, wantIn: "is a worker running"},
 		{
+			name:    "duplicate id",
+			give:    []byte(`{"stream":"ISODE","seq":7,"duplicate": true}`), // as nats-server writes it, space included
+			wantErr: protocol.ErrDuplicateRequest, wantIn: `request id "req-1" was already accepted`,
+		},
+		{
+			name:    "duplicate id being stored in a cluster",
+			give:    refused(natsserver.NewJSStreamDuplicateMessageConflictError()),
+			wantErr: protocol.ErrDuplicateRequest, wantIn: "Use a new id",
+		},
+		{
 			name:    "max msgs",
 			give:    refused(natsserver.NewJSStreamStoreFailedError(natsserver.ErrMaxMsgs)),
 			wantErr: protocol.ErrOverloaded, wantIn: "maximum messages exceeded",

@@ -204,9 +204,14 @@ func WithTimeout(d time.Duration) RunOption {
 	}
 }
 
-// WithRequestID sets the request id (default: a random UUID). Submitting
-// the same id again within the stream's duplicate window is a no-op on
-// the stream, so a caller can retry a publish safely.
+// WithRequestID sets the request id (default: a random UUID per Run). The
+// stream stores a request id once within its duplicate window (its
+// Duplicates setting, 2 minutes as workers create it): Run with an id already
+// accepted in that window returns protocol.ErrDuplicateRequest at once,
+// and the run happens only once, answered to whoever submitted it first.
+// Reuse an id to make sure a snippet with side effects runs at most once
+// (a retry after an unanswered Run learns, from ErrDuplicateRequest, that
+// the first submission was accepted); use a new id to get a result.
 func WithRequestID(id string) RunOption {
 	return func(o *runOptions) error {
 		if id == "" || len(id) > 128 || strings.ContainsAny(id, " \t\r\n.*>") {
@@ -221,6 +226,11 @@ func WithRequestID(id string) RunOption {
 // from the snippet or the fleet are *protocol.Error values; the Result is
 // returned alongside them when the fleet answered (it carries console
 // output). Invalid arguments are caught here, before anything is sent.
+//
+// When the stream does not store the request, Run returns at once:
+// protocol.ErrDuplicateRequest when its id (see WithRequestID) was already
+// accepted, protocol.ErrOverloaded when the stream is full, ErrNoStream
+// when no stream takes it. Otherwise it waits for the reply until ctx ends.
 func (c *Client) Run(ctx context.Context, isolateKey, code string, opts ...RunOption) (*Result, error) {
 	o := runOptions{timeout: protocol.DefaultTimeout}
 	for _, opt := range opts {
@@ -293,6 +303,14 @@ func (c *Client) send(ctx context.Context, id string, shard int, deadline time.T
 		return nil, fmt.Errorf("publish request: %w", err)
 	}
 
+	return cl.wait(ctx, id)
+}
+
+// wait returns the first of: the reply, the stream's refusal of the
+// request, the end of ctx. A reply needs no PubAck before it (the two
+// travel separately and either may come first), and when both are there
+// the reply wins: it is the answer the caller wants.
+func (cl *call) wait(ctx context.Context, id string) (*Result, error) {
 	acked := false
 	for {
 		select {
@@ -300,6 +318,13 @@ func (c *Client) send(ctx context.Context, id string, shard int, deadline time.T
 			return decodeReply(id, m)
 		case m := <-cl.ack:
 			if err := checkAck(id, m); err != nil {
+				select {
+				case m := <-cl.reply:
+					return decodeReply(id, m)
+				default:
+				}
+				// Not stored (a duplicate id, a full stream): nothing
+				// will answer, so waiting for the deadline is pointless.
 				return nil, err
 			}
 			acked = true

@@ -2,6 +2,7 @@ package client_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"strings"
 	"testing"
@@ -139,5 +140,138 @@ func TestRunStreamRefuses(t *testing.T) {
 				t.Errorf("err = %v: want it to say %q", err, tt.wantIn)
 			}
 		})
+	}
+}
+
+// answerOne acts as a worker: it takes the next request from the stream
+// and answers it with the result 42 on the inbox the request names.
+func answerOne(t *testing.T, nc *nats.Conn, s jetstream.Stream) (id string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	cons, err := s.CreateOrUpdateConsumer(ctx, jetstream.ConsumerConfig{Durable: "test", AckPolicy: jetstream.AckExplicitPolicy})
+	if err != nil {
+		t.Fatal(err)
+	}
+	msg, err := cons.Next(jetstream.FetchMaxWait(5 * time.Second))
+	if err != nil {
+		t.Fatalf("take the request from the stream: %v", err)
+	}
+	id = msg.Headers().Get(protocol.HeaderMsgID)
+	data, err := json.Marshal(&protocol.Reply{V: protocol.Version, ID: id, Result: json.RawMessage(`42`)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := nc.Publish(msg.Headers().Get(protocol.HeaderReplyTo), data); err != nil {
+		t.Fatal(err)
+	}
+	if err := msg.Ack(); err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
+
+// checkDuplicate checks err is the duplicate_request a caller can act on.
+func checkDuplicate(t *testing.T, err error) {
+	t.Helper()
+	if !errors.Is(err, protocol.ErrDuplicateRequest) {
+		t.Fatalf("err = %v, want duplicate_request", err)
+	}
+	if protocol.CodeOf(err).Retryable() || !strings.Contains(err.Error(), "Use a new id") {
+		t.Errorf("err = %v: want a code that is not retried and a message that says to use a new id", err)
+	}
+}
+
+// A second Run with the id of one the stream accepted fails at once with
+// duplicate_request; the first still gets its reply.
+func TestRunDuplicateID(t *testing.T) {
+	nc := connect(t)
+	s := requestStream(t, nc, nil)
+	c := newClient(t, nc)
+
+	type outcome struct {
+		res *client.Result
+		err error
+	}
+	first := make(chan outcome, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	go func() {
+		res, err := c.Run(ctx, "tenant1", snippet, client.WithRequestID("order-17"))
+		first <- outcome{res, err}
+	}()
+	// The first is in the stream once its message is.
+	if !testenv.Poll(10*time.Second, func() bool {
+		info, err := s.Info(ctx)
+		return err == nil && info.State.Msgs == 1
+	}) {
+		t.Fatal("the first request never reached the stream")
+	}
+
+	checkDuplicate(t, runFails(t, c, client.WithRequestID("order-17")))
+
+	if id := answerOne(t, nc, s); id != "order-17" {
+		t.Fatalf("the stream held request %q, want order-17", id)
+	}
+	select {
+	case o := <-first:
+		if o.err != nil || string(o.res.Value) != "42" {
+			t.Fatalf("first Run = %+v, %v; want the result 42", o.res, o.err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the first Run got no reply")
+	}
+	// Answered or not, the id stays taken for the duplicate window.
+	checkDuplicate(t, runFails(t, c, client.WithRequestID("order-17")))
+}
+
+// An id taken by another publisher (a retry from another process, or a
+// guess) makes Run fail at once rather than wait for a reply that goes
+// elsewhere.
+func TestRunIDTakenByAnotherPublisher(t *testing.T) {
+	nc := connect(t)
+	requestStream(t, nc, nil)
+
+	other, err := nats.Connect(nc.ConnectedUrl())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	m := nats.NewMsg(protocol.RunSubject(protocol.DefaultPrefix, 5))
+	m.Header.Set(protocol.HeaderMsgID, "guessed")
+	m.Header.Set(protocol.HeaderReplyTo, other.NewInbox())
+	m.Data = []byte(`{"v":1,"isolate_key":"someone-else","code":"return 1"}`)
+	ack, err := other.RequestMsg(m, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pa jetstream.PubAck
+	if err := json.Unmarshal(ack.Data, &pa); err != nil || pa.Sequence == 0 || pa.Duplicate {
+		t.Fatalf("the other publisher's request was not stored: %s (%v)", ack.Data, err)
+	}
+
+	checkDuplicate(t, runFails(t, newClient(t, nc), client.WithRequestID("guessed")))
+}
+
+// Runs without WithRequestID never collide: each is stored.
+func TestRunDefaultIDsAreStored(t *testing.T) {
+	nc := connect(t)
+	s := requestStream(t, nc, nil)
+	c := newClient(t, nc)
+	for range 3 {
+		ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+		_, err := c.Run(ctx, "tenant1", snippet)
+		cancel()
+		// Stored and unanswered (no worker): it waited for the deadline.
+		if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "no reply") {
+			t.Fatalf("err = %v, want a stored request that got no reply", err)
+		}
+	}
+	info, err := s.Info(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.State.Msgs != 3 {
+		t.Fatalf("the stream holds %d requests, want 3", info.State.Msgs)
 	}
 }
