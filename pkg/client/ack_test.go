@@ -145,3 +145,50 @@ func TestCheckAckGarbage(t *testing.T) {
 		}
 	}
 }
+
+// FuzzCheckAck: no answer on the PubAck subject crashes checkAck, and every
+// one maps to nil (stored), a *protocol.Error with a known code and a
+// message, or a wrapped JSON decode error.
+//
+//	go test -run='^$' -fuzz=FuzzCheckAck -fuzztime=30s ./pkg/client/
+func FuzzCheckAck(f *testing.F) {
+	for _, give := range [][]byte{
+		[]byte(`{"stream":"ISODE","seq":7}`),
+		[]byte(`{"stream":"ISODE","seq":7,"duplicate": true}`),
+		[]byte(`{"stream":"ISODE","seq":7,"domain":"hub","duplicate":false}`),
+		refused(natsserver.NewJSStreamStoreFailedError(natsserver.ErrMaxMsgs)),
+		refused(natsserver.NewJSStreamDuplicateMessageConflictError()),
+		refused(natsserver.NewJSMessageTTLDisabledError()),
+		[]byte(`{"error":{"code":503,"err_code":65535}}`),
+		[]byte(`{"error":{"err_code":70000}}`),
+		[]byte(`{"error":null,"seq":-1}`),
+		[]byte(`null`), []byte(`{}`), []byte(`[]`), []byte(`"x"`), []byte("\xff"), nil,
+	} {
+		f.Add(give, "")
+	}
+	f.Add([]byte(nil), statusNoResponders)
+	f.Add([]byte(`{"stream":"ISODE","seq":1}`), statusNoResponders)
+	f.Add([]byte(nil), "408")
+	f.Fuzz(func(t *testing.T, data []byte, status string) {
+		m := nats.NewMsg("_INBOX.x.1.a")
+		m.Data = data
+		if status != "" {
+			m.Header.Set(statusHeader, status)
+		}
+		err := checkAck("req-1", m)
+		if err == nil {
+			return
+		}
+		if pe, ok := err.(*protocol.Error); ok {
+			if !pe.Code.Known() || pe.Message == "" {
+				t.Fatalf("checkAck(%q, status %q) = %#v: want a known code and a message", data, status, pe)
+			}
+			return
+		}
+		var se *json.SyntaxError
+		var te *json.UnmarshalTypeError
+		if (!errors.As(err, &se) && !errors.As(err, &te)) || errors.Unwrap(err) == nil {
+			t.Fatalf("checkAck(%q, status %q) = %#v: neither nil, a *protocol.Error, nor a wrapped decode error", data, status, err)
+		}
+	})
+}
