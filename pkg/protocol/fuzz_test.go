@@ -13,7 +13,8 @@ import (
 
 // FuzzDecodeRequest: no input crashes the decoder; every failure is a
 // *protocol.Error with CodeBadRequest and a message; every success is a
-// request that validates, has a valid isolate key, and comes back equal
+// request that validates, has a valid isolate key and a timeout within
+// (0, MaxTimeout], and comes back equal
 // after json.Marshal and a second DecodeRequest.
 //
 //	go test -run='^$' -fuzz=FuzzDecodeRequest -fuzztime=30s ./pkg/protocol/
@@ -28,6 +29,8 @@ func FuzzDecodeRequest(f *testing.F) {
 		`{"v":1,"isolate_key":"t","code":"x","timeout_ms":-1}`,
 		`{"v":1,"isolate_key":"t","code":"x","timeout_ms":60001}`,
 		`{"v":1,"isolate_key":"t","code":"x","timeout_ms":1.5}`,
+		`{"v":1,"isolate_key":"t","code":"x","timeout_ms":9223372036855}`,  // ×1e6 overflows to a negative Duration
+		`{"v":1,"isolate_key":"t","code":"x","timeout_ms":18446744073710}`, // ×1e6 overflows to 448µs
 		`{"v":1,"isolate_key":"a*","code":"x"}`,
 		`{"v":1,"isolate_key":"t","code":"\ud800"}`,
 		`{"v":1,"isolate_key":"t","code":"` + "\xff" + `"}`,
@@ -53,6 +56,9 @@ func FuzzDecodeRequest(f *testing.F) {
 		}
 		if err := protocol.ValidateIsolateKey(req.IsolateKey); err != nil {
 			t.Fatalf("decoded request has an invalid isolate key: %v", err)
+		}
+		if d := req.Timeout(); d <= 0 || d > protocol.MaxTimeout || req.TimeoutMs > protocol.MaxTimeout.Milliseconds() {
+			t.Fatalf("decoded request has timeout_ms %d (Timeout() = %v), outside (0, %v]", req.TimeoutMs, d, protocol.MaxTimeout)
 		}
 
 		again, err := json.Marshal(req)
