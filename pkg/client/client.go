@@ -23,6 +23,7 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/isode-run/isode/pkg/protocol"
 )
@@ -203,9 +204,14 @@ func WithTimeout(d time.Duration) RunOption {
 	}
 }
 
-// WithRequestID sets the request id (default: a random UUID). Submitting
-// the same id again within the stream's duplicate window is a no-op on
-// the stream, so a caller can retry a publish safely.
+// WithRequestID sets the request id (default: a random UUID per Run). The
+// stream stores a request id once within its duplicate window (its
+// Duplicates setting, 2 minutes as workers create it): Run with an id already
+// accepted in that window returns protocol.ErrDuplicateRequest at once,
+// and the run happens only once, answered to whoever submitted it first.
+// Reuse an id to make sure a snippet with side effects runs at most once
+// (a retry after an unanswered Run learns, from ErrDuplicateRequest, that
+// the first submission was accepted); use a new id to get a result.
 func WithRequestID(id string) RunOption {
 	return func(o *runOptions) error {
 		if id == "" || len(id) > 128 || strings.ContainsAny(id, " \t\r\n.*>") {
@@ -220,6 +226,11 @@ func WithRequestID(id string) RunOption {
 // from the snippet or the fleet are *protocol.Error values; the Result is
 // returned alongside them when the fleet answered (it carries console
 // output). Invalid arguments are caught here, before anything is sent.
+//
+// When the stream does not store the request, Run returns at once:
+// protocol.ErrDuplicateRequest when its id (see WithRequestID) was already
+// accepted, protocol.ErrOverloaded when the stream is full, ErrNoStream
+// when no stream takes it. Otherwise it waits for the reply until ctx ends.
 func (c *Client) Run(ctx context.Context, isolateKey, code string, opts ...RunOption) (*Result, error) {
 	o := runOptions{timeout: protocol.DefaultTimeout}
 	for _, opt := range opts {
@@ -287,18 +298,33 @@ func (c *Client) send(ctx context.Context, id string, shard int, deadline time.T
 	msg.Header.Set(protocol.HeaderReplyAck, "1")
 	// Let the stream drop the request by itself once nobody waits for it.
 	ttl := time.Until(deadline) + c.ttlSlack
-	msg.Header.Set("Nats-TTL", strconv.FormatInt(int64(ttl/time.Second)+1, 10)+"s")
+	msg.Header.Set(jetstream.MsgTTLHeader, strconv.FormatInt(int64(ttl/time.Second)+1, 10)+"s")
 	if err := c.nc.PublishMsg(msg); err != nil {
 		return nil, fmt.Errorf("publish request: %w", err)
 	}
 
+	return cl.wait(ctx, id)
+}
+
+// wait returns the first of: the reply, the stream's refusal of the
+// request, the end of ctx. A reply needs no PubAck before it (the two
+// travel separately and either may come first), and when both are there
+// the reply wins: it is the answer the caller wants.
+func (cl *call) wait(ctx context.Context, id string) (*Result, error) {
 	acked := false
 	for {
 		select {
 		case m := <-cl.reply:
 			return decodeReply(id, m)
 		case m := <-cl.ack:
-			if err := checkAck(m); err != nil {
+			if err := checkAck(id, m); err != nil {
+				select {
+				case m := <-cl.reply:
+					return decodeReply(id, m)
+				default:
+				}
+				// Not stored (a duplicate id, a full stream): nothing
+				// will answer, so waiting for the deadline is pointless.
 				return nil, err
 			}
 			acked = true
@@ -309,34 +335,6 @@ func (c *Client) send(ctx context.Context, id string, shard int, deadline time.T
 			return nil, fmt.Errorf("request %s: no reply: %w", id, ctx.Err())
 		}
 	}
-}
-
-// checkAck turns a JetStream PubAck (or a no-responders status) into an error.
-func checkAck(m *nats.Msg) error {
-	if m.Header.Get("Status") == "503" {
-		return ErrNoStream
-	}
-	var ack struct {
-		Stream string `json:"stream"`
-		Error  *struct {
-			Code        int    `json:"code"`
-			ErrCode     int    `json:"err_code"`
-			Description string `json:"description"`
-		} `json:"error"`
-	}
-	if err := json.Unmarshal(m.Data, &ack); err != nil {
-		return fmt.Errorf("decode stream acknowledgement: %w", err)
-	}
-	if ack.Error == nil {
-		return nil
-	}
-	// 10077: maximum messages exceeded, 10078: maximum bytes exceeded,
-	// 10027 storage resources exceeded: the stream is full.
-	switch ack.Error.ErrCode {
-	case 10077, 10078, 10027, 10047:
-		return protocol.Errorf(protocol.CodeOverloaded, "the request queue is full (%s): retry later", ack.Error.Description)
-	}
-	return protocol.Errorf(protocol.CodeInternal, "the stream refused the request: %s (code %d)", ack.Error.Description, ack.Error.ErrCode)
 }
 
 func decodeReply(id string, m *nats.Msg) (*Result, error) {

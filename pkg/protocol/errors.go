@@ -40,13 +40,19 @@ const (
 	// the dead-letter subject (DeadSubject) for an operator and is not run
 	// again. Submitting it unchanged is likely to fail the same way.
 	CodeDeadLettered Code = "dead_lettered"
+	// CodeDuplicateRequest: a request with this id was accepted within the
+	// fleet's duplicate window; its reply goes to whoever sent it. Use a new
+	// id (the default: a random UUID per Run) unless you meant to dedupe.
+	// Clients report it when the stream's PubAck says "duplicate": true;
+	// workers never send it.
+	CodeDuplicateRequest Code = "duplicate_request"
 )
 
 // Codes lists every code, in a stable order.
 var Codes = []Code{
 	CodeBadRequest, CodeCodeError, CodeTimeout, CodeQueueTimeout, CodeOverloaded,
 	CodeOutOfMemory, CodeSandboxCrashed, CodeOutputTooLarge, CodeShuttingDown, CodeInternal,
-	CodeDeadLettered,
+	CodeDeadLettered, CodeDuplicateRequest,
 }
 
 // Status returns the numeric, HTTP-like status of a code, as carried in
@@ -73,13 +79,16 @@ func (c Code) Status() int {
 		return 503
 	case CodeDeadLettered:
 		return 508 // Loop Detected: it kept coming back without an answer
+	case CodeDuplicateRequest:
+		return 409
 	default:
 		return 500
 	}
 }
 
 // Retryable reports whether a request that failed with c may succeed if
-// submitted again unchanged.
+// submitted again unchanged. CodeDuplicateRequest is not: the same id is
+// refused again until the duplicate window has passed.
 func (c Code) Retryable() bool {
 	switch c {
 	case CodeQueueTimeout, CodeOverloaded, CodeSandboxCrashed, CodeShuttingDown, CodeInternal:
@@ -128,17 +137,18 @@ func (e *Error) Is(target error) bool {
 
 // Sentinels for errors.Is; each matches every *Error of its code.
 var (
-	ErrBadRequest     = &Error{Code: CodeBadRequest}
-	ErrCodeError      = &Error{Code: CodeCodeError}
-	ErrTimeout        = &Error{Code: CodeTimeout}
-	ErrQueueTimeout   = &Error{Code: CodeQueueTimeout}
-	ErrOverloaded     = &Error{Code: CodeOverloaded}
-	ErrOutOfMemory    = &Error{Code: CodeOutOfMemory}
-	ErrSandboxCrashed = &Error{Code: CodeSandboxCrashed}
-	ErrOutputTooLarge = &Error{Code: CodeOutputTooLarge}
-	ErrShuttingDown   = &Error{Code: CodeShuttingDown}
-	ErrInternal       = &Error{Code: CodeInternal}
-	ErrDeadLettered   = &Error{Code: CodeDeadLettered}
+	ErrBadRequest       = &Error{Code: CodeBadRequest}
+	ErrCodeError        = &Error{Code: CodeCodeError}
+	ErrTimeout          = &Error{Code: CodeTimeout}
+	ErrQueueTimeout     = &Error{Code: CodeQueueTimeout}
+	ErrOverloaded       = &Error{Code: CodeOverloaded}
+	ErrOutOfMemory      = &Error{Code: CodeOutOfMemory}
+	ErrSandboxCrashed   = &Error{Code: CodeSandboxCrashed}
+	ErrOutputTooLarge   = &Error{Code: CodeOutputTooLarge}
+	ErrShuttingDown     = &Error{Code: CodeShuttingDown}
+	ErrInternal         = &Error{Code: CodeInternal}
+	ErrDeadLettered     = &Error{Code: CodeDeadLettered}
+	ErrDuplicateRequest = &Error{Code: CodeDuplicateRequest}
 )
 
 // AsError returns the *Error in err's chain. An error without one becomes

@@ -194,38 +194,3 @@ func TestReplyJSON(t *testing.T) {
 		t.Error("a reply with neither result nor error validated")
 	}
 }
-
-// FuzzDecodeRequest: no input crashes the decoder, every failure is a bad
-// request with a message, and every success is a request that validates
-// and survives a re-encoding.
-func FuzzDecodeRequest(f *testing.F) {
-	for _, s := range []string{
-		`{"v":1,"isolate_key":"t","code":"return function (cb) { cb(null, 1); }"}`,
-		`{"v":1,"isolate_key":"t","code":"x","input":{"a":[1,2,{"b":null}]},"timeout_ms":100}`,
-		`{"v":1,"isolate_key":"a*","code":"x"}`,
-		`{"v":1,"isolate_key":"t","code":"\ud800"}`,
-		`{"v":1e400}`, `null`, `{}`, `{"input":`, "\xff\xfe",
-	} {
-		f.Add([]byte(s))
-	}
-	f.Fuzz(func(t *testing.T, data []byte) {
-		req, err := protocol.DecodeRequest(data)
-		if err != nil {
-			pe := protocol.AsError(err)
-			if pe.Code != protocol.CodeBadRequest || pe.Message == "" {
-				t.Fatalf("error %v is not a bad request with a message", err)
-			}
-			return
-		}
-		if err := req.Validate(); err != nil {
-			t.Fatalf("decoded request does not validate: %v", err)
-		}
-		again, err := json.Marshal(req)
-		if err != nil {
-			t.Fatalf("re-encode: %v", err)
-		}
-		if _, err := protocol.DecodeRequest(again); err != nil {
-			t.Fatalf("re-encoded request does not decode: %v", err)
-		}
-	})
-}

@@ -88,7 +88,9 @@ func (r *Request) Validate() error {
 	if r.TimeoutMs < 0 {
 		return Errorf(CodeBadRequest, "timeout_ms is negative")
 	}
-	if time.Duration(r.TimeoutMs)*time.Millisecond > MaxTimeout {
+	// Compare milliseconds: converted to a Duration first, a huge value
+	// overflows into a small or negative one and passes.
+	if r.TimeoutMs > MaxTimeout.Milliseconds() {
 		return Errorf(CodeBadRequest, "timeout_ms %d is over the maximum of %d", r.TimeoutMs, MaxTimeout.Milliseconds())
 	}
 	return nil
