@@ -13,6 +13,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"slices"
@@ -25,6 +26,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	isode "github.com/isode-run/isode/pkg/client"
 	"github.com/isode-run/isode/pkg/protocol"
 )
 
@@ -373,6 +375,30 @@ func TestPoisonSuite(t *testing.T) {
 			}
 			took := f.streamDrains(t, poisonBound, atkSubject)
 			t.Logf("the stream drained %v after the last far-future request", took.Round(100*time.Millisecond))
+		}},
+		{"duplicate ids, by a retry and by a second publisher", "duplicate_request at once, not a wait until the deadline", func(t *testing.T, a *attacker, dead *deadLetterWatch) {
+			c, err := isode.New(f.nats.connect("app"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			code := "return function (cb) { cb(null, 4); }"
+			if _, err := c.Run(ctx, atk, code, isode.WithRequestID(uniq("retried"))); err != nil {
+				t.Fatal(err)
+			}
+			start := time.Now()
+			if _, err := c.Run(ctx, atk, code, isode.WithRequestID(uniq("retried"))); !errors.Is(err, protocol.ErrDuplicateRequest) {
+				t.Fatalf("retry: %v, want duplicate_request", err)
+			}
+			a.publish(atk, body(atk, code, 1000), nats.Header{protocol.HeaderMsgID: {uniq("taken")}, protocol.HeaderReplyTo: {"_INBOX.elsewhere"}})
+			if _, err := c.Run(ctx, atk, code, isode.WithRequestID(uniq("taken"))); !errors.Is(err, protocol.ErrDuplicateRequest) {
+				t.Fatalf("id taken by another publisher: %v, want duplicate_request", err)
+			}
+			if took := time.Since(start); took > 10*time.Second {
+				t.Errorf("duplicates took %v to be reported", took)
+			}
 		}},
 		{"forged statuses on confirmation subjects", "no effect: tokens cannot be guessed", func(t *testing.T, a *attacker, dead *deadLetterWatch) {
 			// The attacker learns a worker's confirmation prefix from a
