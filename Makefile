@@ -28,6 +28,23 @@ vet:
 test: sandbox-image vet static-cache
 	$(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) ./...
 
+# Fuzzes every decoder of input from outside for FUZZTIME each (go test
+# takes one package and one target per -fuzz run). CI runs it after make test.
+FUZZTIME ?= 10s
+FUZZ_TARGETS := \
+	./pkg/protocol:FuzzDecodeRequest \
+	./pkg/protocol:FuzzHeaders \
+	./pkg/client:FuzzCheckAck \
+	./pkg/fleet:FuzzHeaderValue \
+	./pkg/dockerx:FuzzDecodeReply \
+	./pkg/dockerx:FuzzFrameReader
+.PHONY: fuzz
+fuzz:
+	set -e; for t in $(FUZZ_TARGETS); do \
+		echo "fuzz $${t##*:} ($${t%%:*}) for $(FUZZTIME)"; \
+		$(GO) test -run '^$$' -fuzz "^$${t##*:}$$" -fuzztime $(FUZZTIME) "$${t%%:*}"; \
+	done
+
 # Compiles the static binaries of the FROM-scratch images once, before the
 # tests: deploy's compose test builds those images, and on a cold build
 # cache, next to the other packages' tests, that alone took over 4 minutes.
