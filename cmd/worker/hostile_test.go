@@ -647,7 +647,7 @@ func (h *hostile) misuse(t *testing.T) {
 		if _, err := h.js.Stream(context.Background(), protocol.StreamName(protocol.DefaultPrefix)); err != nil {
 			t.Errorf("the stream is gone: %v", err)
 		}
-		return outcome{outcome: "dropped (terminated, never redelivered); nothing published there"}
+		return outcome{outcome: "dead-lettered to isode.dead.<shard> and terminated, never redelivered; nothing published there"}
 	})
 	h.scenario(t, "misuse: another tenant's request id", func(t *testing.T) outcome {
 		// An operator may shorten the stream's de-duplication window below
