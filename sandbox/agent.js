@@ -13,6 +13,12 @@
 //   agent -> host: {"id":N,"result":<json>,"console":"...","console_truncated":false}
 //                  {"id":N,"error":{"code":"...","message":"..."},"console":"...",...}
 // A ping is answered once a Worker is ready: {"id":N,"result":{"ready":true,...}}.
+// Every reply is one object given to JSON.stringify whole: no text that came
+// from a worker thread is ever spliced into a frame, so a snippet that posts
+// to its thread's parentPort cannot add keys (a second "id") to a reply. A
+// result nests at most MAX_RESULT_DEPTH levels. The host decodes each frame
+// strictly all the same (pkg/dockerx/wire.go): a snippet can also find the
+// protocol descriptor and write frames of its own.
 //
 // Settings come from the environment (set by the host at container create):
 //   ISODE_CONCURRENCY       Workers at most, so snippets at once (default 4)
@@ -107,11 +113,44 @@ function encodeFrame(json) {
 // its readiness ping (see Agent.becomeReady).
 const WARMUP_CODE = 'return function (ctx, cb) { console.log("warm"); cb(null, ctx.data); }';
 
-function errorFrame(id, code, message, consoleText, truncated) {
-  return (
-    '{"id":' + id + ',"error":' + JSON.stringify({ code, message }) +
-    ',"console":' + JSON.stringify(consoleText || '') + ',"console_truncated":' + (truncated === true) + '}'
-  );
+// MAX_RESULT_DEPTH bounds how deeply a result's arrays and objects nest.
+// The main thread re-encodes every result with JSON.stringify, whose
+// recursion overflows this thread's stack at about 4000 levels; the host's
+// decoder (Go's encoding/json) stops at 10000. A deeper result is the
+// snippet's error, refused before it reaches either.
+const MAX_RESULT_DEPTH = 1000;
+
+// The error codes a worker thread may report (worker.js); any other is a
+// forgery and answered as a malformed result.
+const WORKER_ERROR_CODES = new Set(['code_error', 'output_too_large']);
+
+// errorReply is the reply object of an error. Replies are objects until
+// send encodes them whole.
+function errorReply(id, code, message, consoleText, truncated) {
+  return { id, error: { code, message }, console: consoleText || '', console_truncated: truncated === true };
+}
+
+// nestingDepth returns how deeply the JSON text s nests, counting no
+// further than limit + 1. s is valid JSON: only brackets outside strings
+// count, and a string ends at a quote no backslash escapes.
+function nestingDepth(s, limit) {
+  let depth = 0;
+  let max = 0;
+  let inString = false;
+  for (let i = 0; i < s.length; i++) {
+    const c = s.charCodeAt(i);
+    if (inString) {
+      if (c === 0x5c) i++; // backslash: skip the escaped character
+      else if (c === 0x22) inString = false;
+    } else if (c === 0x22) {
+      inString = true;
+    } else if (c === 0x5b || c === 0x7b) {
+      if (++depth > max && (max = depth) > limit) return max;
+    } else if (c === 0x5d || c === 0x7d) {
+      depth--;
+    }
+  }
+  return max;
 }
 
 // Agent routes requests to Workers. write(buf) sends bytes to the host; log
@@ -154,7 +193,7 @@ class Agent {
       throw new Error('request frame has no valid id');
     }
     if (this.pending.has(m.id)) {
-      this.send(errorFrame(m.id, 'bad_request', `request id ${m.id} is already in flight`));
+      this.send(errorReply(m.id, 'bad_request', `request id ${m.id} is already in flight`));
       return;
     }
     switch (m.op) {
@@ -165,23 +204,19 @@ class Agent {
       case 'run':
         return this.run(m);
       default:
-        this.send(errorFrame(m.id, 'bad_request', `unknown op ${JSON.stringify(String(m.op))}`));
+        this.send(errorReply(m.id, 'bad_request', `unknown op ${JSON.stringify(String(m.op))}`));
     }
   }
 
   pong(id) {
     let busy = 0;
     for (const s of this.slots) if (s.req) busy++;
-    this.send(
-      '{"id":' + id + ',"result":' +
-        JSON.stringify({ ready: true, node: process.versions.node, workers: this.slots.size, busy, queued: this.queue.length, ...this.stats }) +
-        '}',
-    );
+    this.send({ id, result: { ready: true, node: process.versions.node, workers: this.slots.size, busy, queued: this.queue.length, ...this.stats } });
   }
 
   run(m) {
     if (typeof m.code !== 'string' || m.code === '') {
-      this.send(errorFrame(m.id, 'bad_request', 'run without code'));
+      this.send(errorReply(m.id, 'bad_request', 'run without code'));
       return;
     }
     const timeoutMs = Number.isFinite(m.timeout_ms) && m.timeout_ms > 0 ? Math.min(m.timeout_ms, 2 ** 31 - 1) : 10000;
@@ -264,8 +299,8 @@ class Agent {
     this.spawnFailures++;
     if (this.slots.size > 0) return; // the live Workers will serve the queue
     const msg = 'the sandbox could not start a worker thread: ' + (e && e.message);
-    for (const id of this.pings.splice(0)) this.send(errorFrame(id, 'internal', msg));
-    for (const req of this.queue.splice(0)) this.finish(req, errorFrame(req.id, 'internal', msg));
+    for (const id of this.pings.splice(0)) this.send(errorReply(id, 'internal', msg));
+    for (const req of this.queue.splice(0)) this.finish(req, errorReply(req.id, 'internal', msg));
   }
 
   onWorkerMessage(slot, m) {
@@ -289,14 +324,7 @@ class Agent {
         if (req === null || m.id !== req.id || slot.state !== 'busy') return; // stale or forged
         slot.req = null;
         req.slot = null;
-        const consoleText = typeof m.console === 'string' ? m.console : '';
-        if (m.error && typeof m.error === 'object') {
-          this.finish(req, errorFrame(req.id, String(m.error.code), String(m.error.message), consoleText, m.truncated));
-        } else if (typeof m.json === 'string') {
-          this.finish(req, '{"id":' + req.id + ',"result":' + m.json + ',"console":' + JSON.stringify(consoleText) + ',"console_truncated":' + (m.truncated === true) + '}');
-        } else {
-          this.finish(req, errorFrame(req.id, 'internal', 'worker sent a malformed result'));
-        }
+        this.finish(req, resultReply(req, m));
         if (m.recycle === true) {
           this.retire(slot);
         } else {
@@ -321,11 +349,11 @@ class Agent {
       req.slot = null;
       const e = slot.error;
       if (e && e.code === 'ERR_WORKER_OUT_OF_MEMORY') {
-        this.finish(req, errorFrame(req.id, 'out_of_memory', `the snippet ran out of memory: its JavaScript heap is limited to ${this.o.workerHeapMb} MiB`));
+        this.finish(req, errorReply(req.id, 'out_of_memory', `the snippet ran out of memory: its JavaScript heap is limited to ${this.o.workerHeapMb} MiB`));
       } else if (e) {
-        this.finish(req, errorFrame(req.id, 'code_error', uncaught(e)));
+        this.finish(req, errorReply(req.id, 'code_error', uncaught(e)));
       } else {
-        this.finish(req, errorFrame(req.id, 'code_error', `the snippet ended its worker thread (exit code ${code})`));
+        this.finish(req, errorReply(req.id, 'code_error', `the snippet ended its worker thread (exit code ${code})`));
       }
     } else if (slot.error && slot.state !== 'dying') {
       this.log(`idle worker thread failed: ${uncaught(slot.error).split('\n')[0]}`);
@@ -373,17 +401,18 @@ class Agent {
       const i = this.queue.indexOf(req);
       if (i >= 0) this.queue.splice(i, 1);
     }
-    this.finish(req, errorFrame(req.id, 'timeout', msg));
+    this.finish(req, errorReply(req.id, 'timeout', msg));
   }
 
-  finish(req, json) {
+  // finish answers req with the reply object r, once.
+  finish(req, r) {
     if (!this.pending.delete(req.id)) return;
     clearTimeout(req.timer);
     if (req.internal) {
       this.becomeReady();
       return;
     }
-    this.send(json, req.id);
+    this.send(r);
     if (this.pending.size === 0) this.idle();
   }
 
@@ -406,10 +435,20 @@ class Agent {
     for (const id of this.pings.splice(0)) this.pong(id);
   }
 
-  send(json, id) {
+  // send encodes the reply object r whole, as one frame. A reply over the
+  // frame limit is replaced by an output_too_large error of the same id.
+  send(r) {
+    let json;
+    try {
+      json = JSON.stringify(r);
+    } catch (e) {
+      // Not reached by what the agent builds (results are depth-checked):
+      // a last resort, so that the request is still answered.
+      json = JSON.stringify(errorReply(r.id, 'internal', `the reply could not be encoded: ${e && e.message}`));
+    }
     let frame = encodeFrame(json);
     if (frame.length - 4 > this.o.maxFrameBytes) {
-      frame = encodeFrame(errorFrame(id, 'output_too_large', `the reply is ${frame.length - 4} bytes, over the frame limit of ${this.o.maxFrameBytes}`));
+      frame = encodeFrame(JSON.stringify(errorReply(r.id, 'output_too_large', `the reply is ${frame.length - 4} bytes, over the frame limit of ${this.o.maxFrameBytes}`)));
     }
     this.write(frame);
   }
@@ -434,6 +473,39 @@ class Agent {
     for (const req of this.pending.values()) clearTimeout(req.timer);
     await Promise.all([...this.slots].map((s) => s.worker.terminate().catch(() => {})));
   }
+}
+
+// resultReply turns a worker thread's result message m for req into the
+// reply object. m is untrusted: a snippet can post to its thread's
+// parentPort. Its json must be the text of exactly one JSON value within
+// req's limits, and is parsed here so that send encodes the reply whole;
+// an error must carry a code a worker thread reports and a string message.
+// Anything else is answered as an internal error.
+function resultReply(req, m) {
+  const consoleText = typeof m.console === 'string' ? m.console : '';
+  const truncated = m.truncated === true;
+  const malformed = () => errorReply(req.id, 'internal', 'worker sent a malformed result', consoleText, truncated);
+  if (m.error !== undefined) {
+    const e = m.error;
+    if (e === null || typeof e !== 'object' || !WORKER_ERROR_CODES.has(e.code) || typeof e.message !== 'string') return malformed();
+    return errorReply(req.id, e.code, e.message, consoleText, truncated);
+  }
+  if (typeof m.json !== 'string') return malformed();
+  // The worker thread checks the limit before it posts; checked again so a
+  // forged result is not parsed, whatever its size.
+  const n = Buffer.byteLength(m.json, 'utf8');
+  if (n > req.maxResult) return errorReply(req.id, 'output_too_large', `result is ${n} bytes of JSON, over the limit of ${req.maxResult}`, consoleText, truncated);
+  let value;
+  try {
+    value = JSON.parse(m.json); // throws unless the text is exactly one JSON value
+  } catch {
+    return malformed();
+  }
+  // A value nests at most half its text's length deep: most results skip the scan.
+  if (m.json.length > 2 * MAX_RESULT_DEPTH && nestingDepth(m.json, MAX_RESULT_DEPTH) > MAX_RESULT_DEPTH) {
+    return errorReply(req.id, 'code_error', `the result nests deeper than ${MAX_RESULT_DEPTH} levels of arrays and objects`, consoleText, truncated);
+  }
+  return { id: req.id, result: value, console: consoleText, console_truncated: truncated };
 }
 
 // uncaught describes an error that ended a Worker.
@@ -584,4 +656,4 @@ function main() {
 
 if (require.main === module) main();
 
-module.exports = { Agent, FrameDecoder, encodeFrame, DEFAULTS };
+module.exports = { Agent, FrameDecoder, encodeFrame, DEFAULTS, MAX_RESULT_DEPTH };

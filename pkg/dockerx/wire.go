@@ -7,6 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
+	"strconv"
 	"unicode/utf8"
 
 	"github.com/isode-run/isode/pkg/protocol"
@@ -29,11 +31,12 @@ type agentRequest struct {
 	MaxConsoleBytes int   `json:"max_console_bytes,omitempty"`
 }
 
-// agentReply is a frame from the agent.
+// agentReply is a frame from the agent. decodeReply fills it; the tags
+// say how an agent encodes one (exactly one of Result and Error).
 type agentReply struct {
 	ID               *uint64         `json:"id"`
-	Result           json.RawMessage `json:"result"`
-	Error            *protocol.Error `json:"error"`
+	Result           json.RawMessage `json:"result,omitempty"`
+	Error            *protocol.Error `json:"error,omitempty"`
 	Console          string          `json:"console"`
 	ConsoleTruncated bool            `json:"console_truncated"`
 }
@@ -74,19 +77,82 @@ func violation(format string, args ...any) error {
 }
 
 // decodeReply parses and checks one frame from the agent. Any error wraps
-// errViolation.
+// errViolation: the frame comes from a container that runs tenants' code,
+// which can write frames of its own, so nothing a strict agent would not
+// send is accepted.
+//
+// The frame is UTF-8 and exactly one JSON object, with nothing after it.
+// Its keys are id, result, error, console and console_truncated, and the
+// error object's are code and message, each at most once: encoding/json
+// keeps the last of duplicate keys, so {"id":3,"result":1,"id":7} would
+// answer request 7. id is an integer in [0, 2^64), console and the error's
+// code and message are strings, console_truncated is true or false, error
+// is an object with both its keys, result is one JSON value (null
+// included); no other field may be null. id and exactly one of result and
+// error are present, and the error's code is one an agent may answer with.
+//
+// The objects are walked key by key (see eachMember), and each value is
+// read whole into a json.RawMessage: a result of hundreds of KiB is
+// scanned, never split into tokens.
 func decodeReply(body []byte) (*agentReply, error) {
 	if !utf8.Valid(body) {
 		return nil, violation("frame is not UTF-8")
 	}
-	dec := json.NewDecoder(bytes.NewReader(body))
-	dec.DisallowUnknownFields()
 	var r agentReply
-	if err := dec.Decode(&r); err != nil {
+	err := eachMember(body, func(key string, v json.RawMessage) error {
+		switch key {
+		case "id":
+			id, err := strconv.ParseUint(string(v), 10, 64)
+			if err != nil {
+				return fmt.Errorf("id %s is not an integer in [0, 2^64)", truncate(string(v), 32))
+			}
+			r.ID = &id
+		case "result":
+			r.Result = v
+		case "error":
+			if v[0] != '{' {
+				return errors.New("error is not an object")
+			}
+			var code, msg *string
+			err := eachMember(v, func(key string, v json.RawMessage) (err error) {
+				switch key {
+				case "code":
+					code, err = jsonString(key, v)
+				case "message":
+					msg, err = jsonString(key, v)
+				default:
+					err = fmt.Errorf("error has an unknown field %q", truncate(key, 64))
+				}
+				return err
+			})
+			if err != nil {
+				return err
+			}
+			if code == nil || msg == nil {
+				return errors.New("error lacks its code or message")
+			}
+			r.Error = &protocol.Error{Code: protocol.Code(*code), Message: *msg}
+		case "console":
+			s, err := jsonString(key, v)
+			if err != nil {
+				return err
+			}
+			r.Console = *s
+		case "console_truncated":
+			switch string(v) {
+			case "true":
+				r.ConsoleTruncated = true
+			case "false":
+			default:
+				return errors.New("console_truncated is not a boolean")
+			}
+		default:
+			return fmt.Errorf("unknown field %q", truncate(key, 64))
+		}
+		return nil
+	})
+	if err != nil {
 		return nil, violation("frame is not a reply: %v", err)
-	}
-	if _, err := dec.Token(); err != io.EOF {
-		return nil, violation("frame has bytes after its JSON object")
 	}
 	if r.ID == nil {
 		return nil, violation("reply has no id")
@@ -101,6 +167,65 @@ func decodeReply(body []byte) (*agentReply, error) {
 		r.Error.Message = truncate(r.Error.Message, maxMessageBytes)
 	}
 	return &r, nil
+}
+
+// errTrailing: a frame holds more than one JSON value.
+var errTrailing = errors.New("bytes after its JSON object")
+
+// eachMember walks the JSON object that is the whole of data: it calls fn
+// with each key and that key's value, read whole (not tokenised), in order.
+// It fails on anything else in data, and on a key seen twice, before fn
+// hears of the second. fn rejects the keys it does not know, so that the
+// list of keys seen stays short.
+func eachMember(data []byte, fn func(key string, value json.RawMessage) error) error {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	if tok, err := dec.Token(); err != nil {
+		return err
+	} else if tok != json.Delim('{') {
+		return errors.New("not a JSON object")
+	}
+	var seen []string
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return err
+		}
+		key, ok := tok.(string)
+		if !ok { // not reached: Token returns an object's keys as strings
+			return fmt.Errorf("object key %v is not a string", tok)
+		}
+		if slices.Contains(seen, key) {
+			return fmt.Errorf("duplicate key %q", truncate(key, 64))
+		}
+		seen = append(seen, key)
+		var v json.RawMessage
+		if err := dec.Decode(&v); err != nil {
+			return err
+		}
+		if err := fn(key, v); err != nil {
+			return err
+		}
+	}
+	if _, err := dec.Token(); err != nil { // the closing brace
+		return err
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return errTrailing
+	}
+	return nil
+}
+
+// jsonString returns the string that the JSON value v is, or an error
+// naming key when v is of another type (null included).
+func jsonString(key string, v json.RawMessage) (*string, error) {
+	var s string
+	if v[0] != '"' {
+		return nil, fmt.Errorf("%s is not a string", key)
+	}
+	if err := json.Unmarshal(v, &s); err != nil {
+		return nil, err
+	}
+	return &s, nil
 }
 
 // truncate cuts s to at most n bytes at a rune boundary.
