@@ -489,19 +489,26 @@ func TestPoisonSuite(t *testing.T) {
 }
 
 // forgedFrameSnippet writes a frame with duplicate keys straight to the
-// agent's protocol output, bypassing the agent: the host must take it as a
-// protocol violation of this sandbox.
+// agent's protocol output, bypassing the agent (found as in
+// pkg/dockerx/forged_frame_test.go: the only pipe of which the process
+// holds one end, write-only): the host must take it as a protocol
+// violation of this sandbox alone.
 const forgedFrameSnippet = `return function (cb) {
-  const fs = require('fs');
-  const body = Buffer.from('{"id":1,"result":1,"id":2}');
-  const head = Buffer.alloc(4); head.writeUInt32BE(body.length, 0);
-  const frame = Buffer.concat([head, body]);
-  let wrote = 0;
-  for (const fd of fs.readdirSync('/proc/self/fd')) {
-    let link = '';
-    try { link = fs.readlinkSync('/proc/self/fd/' + fd); } catch (e) { continue; }
-    if (!/^(pipe|socket):/.test(link)) continue;
-    try { fs.writeSync(Number(fd), frame); wrote++; } catch (e) {}
+  const fs = require("fs");
+  const pipes = {};
+  for (const fd of fs.readdirSync("/proc/self/fd")) {
+    let l; try { l = fs.readlinkSync("/proc/self/fd/" + fd) } catch { continue }
+    if (l.startsWith("pipe:") && fd !== "2") (pipes[l] = pipes[l] || []).push(Number(fd));
   }
-  setTimeout(function () { cb(null, wrote); }, 2000);
+  const out = [];
+  for (const fds of Object.values(pipes)) {
+    if (fds.length !== 1) continue;
+    const flags = parseInt(fs.readFileSync("/proc/self/fdinfo/" + fds[0], "utf8").match(/flags:\s*(\d+)/)[1], 8);
+    if ((flags & 3) === 1) out.push(fds[0]);
+  }
+  if (out.length !== 1) return cb(null, "no single protocol pipe: " + JSON.stringify(pipes));
+  const body = Buffer.from('{"id":2,"result":"forged","id":2}');
+  const head = Buffer.alloc(4); head.writeUInt32BE(body.length, 0);
+  fs.writeSync(out[0], Buffer.concat([head, body]));
+  setTimeout(function () { cb(null, "frame written, sandbox still up"); }, 3000);
 }`
