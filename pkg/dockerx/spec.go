@@ -19,6 +19,9 @@ func containerSpec(c *Config, tenant string) (*container.Config, *container.Host
 	if tenant != "" {
 		labels[LabelTenant] = tenant
 	}
+	if c.Fleet != "" {
+		labels[LabelFleet] = c.Fleet
+	}
 	yes := true
 	pids := c.PidsLimit
 	cfg := &container.Config{
