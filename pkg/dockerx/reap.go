@@ -48,9 +48,12 @@ func (r *Runtime) Reap(ctx context.Context, grace time.Duration) (int, error) {
 // live member of this fleet. It is called only from the reaper's goroutine,
 // once per pass for each other worker that has running containers of this
 // fleet; it must not block, and it must be safe to call while the caller
-// updates what it reads. It must answer true whenever it cannot yet tell,
-// for example before this process has heard the fleet's membership once,
-// or the reaper removes live workers' sandboxes one grace later. grace must
+// updates what it reads. It must answer true whenever it cannot tell: before
+// this process has heard the fleet's membership once, and while it is cut
+// off from the fleet or its view may be stale (disconnected from NATS, its
+// own heartbeat failing, a membership watch being re-established after a
+// reconnect). Otherwise the reaper removes live workers' sandboxes one
+// grace later: their tenants' runs fail with sandbox_crashed. grace must
 // exceed the time membership takes to notice a worker (from the moment it
 // creates its first container to the moment every member lists it) and the
 // time a live worker may go unlisted (a missed heartbeat), with room to
