@@ -31,8 +31,9 @@ func (r *Runtime) Reap(ctx context.Context, grace time.Duration) (int, error) {
 }
 
 // StartReaper starts the Runtime's reconciler: a goroutine that, every
-// `every` until Close, makes the pass of Reap with grace and, when alive is
-// not nil and Config.Fleet is not empty, also removes the containers of
+// `every` until Close, makes the pass of Reap with grace (but see below for
+// containers that are not running) and, when alive is not nil and
+// Config.Fleet is not empty, also removes the containers of
 // dead workers of this fleet: containers in any running state (running,
 // paused, restarting) whose LabelFleet is Config.Fleet and whose
 // LabelWorker is another worker's, when
@@ -42,7 +43,11 @@ func (r *Runtime) Reap(ctx context.Context, grace time.Duration) (int, error) {
 //   - the container was created more than grace ago.
 //
 // It never touches running containers of another fleet, or with no
-// LabelFleet, or of its own worker id (those are Reap's).
+// LabelFleet, or of its own worker id (those are Reap's). Other workers'
+// containers that are not running are given at least Config.CreateTimeout
+// instead of grace, when that is longer: a live worker may be between
+// creating one and starting it for that long, and the rule applies to every
+// isode container on the engine, whatever its fleet.
 //
 // alive reports whether the worker with that id (a LabelWorker value) is a
 // live member of this fleet. It is called only from the reaper's goroutine,
@@ -90,6 +95,7 @@ func (r *Runtime) StartReaper(every, grace time.Duration, alive func(workerID st
 		fleet:   r.cfg.Fleet,
 		self:    r.cfg.WorkerID,
 		grace:   grace,
+		stopped: max(grace, r.cfg.CreateTimeout),
 		alive:   alive,
 		missing: make(map[string]time.Time),
 	}
@@ -110,7 +116,7 @@ func (r *Runtime) reapEvery(every time.Duration, p *reaper) {
 			return
 		}
 		start := time.Now()
-		n, err := r.reap(r.ctx, p.grace, p)
+		n, err := r.reap(r.ctx, p.stopped, p)
 		if err != nil && r.ctx.Err() == nil {
 			r.log.Warn("reaper pass failed; retrying at the next", "removed", n, "err", err)
 		} else {
@@ -130,7 +136,8 @@ func (r *Runtime) isClosed() bool {
 	return r.closed
 }
 
-// reap makes one pass: Reap's rules, and p's when p is not nil.
+// reap makes one pass: Reap's rules, with grace for containers that are
+// not running, and p's when p is not nil.
 func (r *Runtime) reap(ctx context.Context, grace time.Duration, p *reaper) (int, error) {
 	cctx, cancel := r.callCtx(ctx)
 	list, err := r.cli.ContainerList(cctx, container.ListOptions{
@@ -219,7 +226,8 @@ func firstName(c container.Summary) string {
 // the fleet have been seen dead, since when.
 type reaper struct {
 	fleet, self string
-	grace       time.Duration
+	grace       time.Duration              // for dead workers' running containers
+	stopped     time.Duration              // for Reap's rule on containers not running
 	alive       func(workerID string) bool // nil: no orphans are removed
 	missing     map[string]time.Time       // worker id -> first pass that found it not alive
 }

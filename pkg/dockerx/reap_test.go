@@ -20,14 +20,14 @@ import (
 	"github.com/isode-run/isode/pkg/dockerx"
 )
 
-// The reaper's settings in these tests. The grace is not 1 s: a reaper
-// also removes any isode container of the engine that is not running and
-// older than its grace, and other packages' tests, running at the same
-// time on a loaded machine, may take that long between creating a
-// container and starting it (see TestReap).
+// The reaper's settings in these tests. A reaper also removes any isode
+// container of the engine that is not running, but only past
+// Config.CreateTimeout (30 s here), so that the containers other packages'
+// tests, running at the same time, have created and not yet started are
+// safe from this short grace.
 const (
 	reapEvery = 200 * time.Millisecond
-	reapGrace = 3 * time.Second
+	reapGrace = time.Second
 	// reapBound is how long a removal may take past the grace: a pass, and
 	// a force-remove on a busy 2-core engine. Generous; the measured time
 	// is logged.
@@ -72,6 +72,18 @@ func reaperEnv(t *testing.T, fleet string) (*env, *syncBuffer) {
 // worker of that fleet would have left it. It is removed at cleanup.
 func runLabelled(t *testing.T, e *env, fleet, worker, tenant string) string {
 	t.Helper()
+	id := createLabelled(t, e, fleet, worker, tenant)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if err := e.cli.ContainerStart(ctx, id, container.StartOptions{}); err != nil {
+		t.Fatalf("start container: %v", err)
+	}
+	return id
+}
+
+// createLabelled is runLabelled without the start.
+func createLabelled(t *testing.T, e *env, fleet, worker, tenant string) string {
+	t.Helper()
 	labels := map[string]string{dockerx.LabelApp: dockerx.AppName, dockerx.LabelWorker: worker}
 	if fleet != "" {
 		labels[dockerx.LabelFleet] = fleet
@@ -87,12 +99,9 @@ func runLabelled(t *testing.T, e *env, fleet, worker, tenant string) string {
 		User:       dockerx.SandboxUser,
 		Entrypoint: []string{"/usr/bin/node", "-e", "setInterval(() => {}, 1 << 30)"},
 		Labels:     labels,
-	}, &container.HostConfig{NetworkMode: "none", Resources: container.Resources{Memory: 64 * dockerx.MiB}}, nil, nil, "")
+	}, &container.HostConfig{NetworkMode: "none", Resources: container.Resources{Memory: 128 * dockerx.MiB}}, nil, nil, "")
 	if err != nil {
 		t.Fatalf("create container: %v", err)
-	}
-	if err := e.cli.ContainerStart(ctx, resp.ID, container.StartOptions{}); err != nil {
-		t.Fatalf("start container: %v", err)
 	}
 	return resp.ID
 }
@@ -136,7 +145,9 @@ func reapedLine(logs *syncBuffer, id string) string {
 // containers of a worker of its fleet that alive says is dead, once it has
 // been dead for the grace and the container is that old; it keeps the
 // containers of a live worker, and those of another fleet or of no fleet
-// even though their worker id is the dead one's.
+// even though their worker id is the dead one's, and another worker's
+// container that is created but not started (its Create may still be
+// running) while it is younger than Config.CreateTimeout.
 func TestReaperRemovesDeadWorkersContainers(t *testing.T) {
 	fleet := "test-fleet-" + randomHex(4)
 	e, logs := reaperEnv(t, fleet)
@@ -149,6 +160,7 @@ func TestReaperRemovesDeadWorkersContainers(t *testing.T) {
 		runLabelled(t, e, "test-fleet-"+randomHex(4), dead, ""): "another fleet's",
 		runLabelled(t, e, "", dead, ""):                         "one with no fleet label",
 	}
+	unstarted := createLabelled(t, e, fleet, live, "")
 	var mu sync.Mutex
 	asked := map[string]bool{}
 	var seenDead time.Time // when alive first said dead is dead
@@ -197,6 +209,9 @@ func TestReaperRemovesDeadWorkersContainers(t *testing.T) {
 		if s := state(t, e.cli, id); s != "running" {
 			t.Errorf("%s container (%.12s) was not kept: %q", what, id, s)
 		}
+	}
+	if s := state(t, e.cli, unstarted); s != "created" {
+		t.Errorf("a live worker's container not yet started was not kept past the grace, within its CreateTimeout: %q", s)
 	}
 	mu.Lock()
 	defer mu.Unlock()
