@@ -210,8 +210,10 @@ func TestReaperRemovesDeadWorkersContainers(t *testing.T) {
 			t.Errorf("%s container (%.12s) was not kept: %q", what, id, s)
 		}
 	}
-	if s := state(t, e.cli, unstarted); s != "created" {
-		t.Errorf("a live worker's container not yet started was not kept past the grace, within its CreateTimeout: %q", s)
+	// Judged by the log: a concurrent test's Reap (TestReap in another
+	// checkout: any isode container not running for 4 s) may remove it.
+	if l := reapedLine(logs, unstarted); l != "" {
+		t.Errorf("a live worker's container not yet started was reaped past the grace, within its CreateTimeout: %s", l)
 	}
 	mu.Lock()
 	defer mu.Unlock()
