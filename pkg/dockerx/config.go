@@ -24,6 +24,11 @@ const (
 	// absent on a free container: Docker labels cannot change after create,
 	// so a later Assign is recorded by the Sandbox only (see Sandbox.Assign).
 	LabelTenant = "io.isode.tenant"
+	// LabelFleet names the fleet of the worker that made it (Config.Fleet):
+	// all workers that share one NATS deployment and subject prefix. It is
+	// absent when Config.Fleet is empty. Runtime.StartReaper removes running
+	// containers of dead workers only when their LabelFleet is its own.
+	LabelFleet = "io.isode.fleet"
 )
 
 // Defaults of DefaultConfig.
@@ -40,6 +45,12 @@ type Config struct {
 	// WorkerID names this worker in the LabelWorker label: 1 to 64 of
 	// [A-Za-z0-9_.-]. Two live workers on one engine must not share it.
 	WorkerID string
+	// Fleet names the fleet this worker belongs to in the LabelFleet label:
+	// "" (no label) or 1 to 64 of [A-Za-z0-9_.-]. Workers that share one
+	// NATS deployment and subject prefix share it; different fleets (and
+	// the test suites of other programs) on one engine must not. Without
+	// it StartReaper never removes other workers' running containers.
+	Fleet string
 
 	// Memory is each container's memory limit in bytes; swap is off
 	// (MemorySwap == Memory). The tmpfs /tmp counts against it.
@@ -120,8 +131,8 @@ func DefaultConfig() Config {
 }
 
 var (
-	workerIDPattern = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,64}$`)
-	runtimePattern  = regexp.MustCompile(`^[A-Za-z0-9_.-]{0,64}$`)
+	namePattern    = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,64}$`)
+	runtimePattern = regexp.MustCompile(`^[A-Za-z0-9_.-]{0,64}$`)
 )
 
 // Validate checks every field and returns one error per bad field, each
@@ -134,8 +145,11 @@ func (c *Config) Validate() error {
 	if c.Image == "" {
 		bad("Image is empty")
 	}
-	if !workerIDPattern.MatchString(c.WorkerID) {
+	if !namePattern.MatchString(c.WorkerID) {
 		bad("WorkerID %q must be 1 to 64 of A-Z a-z 0-9 _ . -", c.WorkerID)
+	}
+	if c.Fleet != "" && !namePattern.MatchString(c.Fleet) {
+		bad("Fleet %q must be empty or 1 to 64 of A-Z a-z 0-9 _ . -", c.Fleet)
 	}
 	if c.Memory < 32*MiB {
 		bad("Memory %d is below 32 MiB", c.Memory)

@@ -17,6 +17,10 @@ func TestValidate(t *testing.T) {
 		{name: "gvisor", give: func(c *Config) { c.Runtime = "runsc" }},
 		{name: "no image", give: func(c *Config) { c.Image = "" }, wantErr: "Image"},
 		{name: "bad worker id", give: func(c *Config) { c.WorkerID = "a b" }, wantErr: "WorkerID"},
+		{name: "fleet", give: func(c *Config) { c.Fleet = "prod-eu.1_a" }},
+		{name: "fleet with a space", give: func(c *Config) { c.Fleet = "prod eu" }, wantErr: "Fleet"},
+		{name: "fleet with a slash", give: func(c *Config) { c.Fleet = "prod/eu" }, wantErr: "Fleet"},
+		{name: "fleet too long", give: func(c *Config) { c.Fleet = strings.Repeat("f", 65) }, wantErr: "Fleet"},
 		{name: "tiny memory", give: func(c *Config) { c.Memory = 1 << 20 }, wantErr: "Memory"},
 		{name: "no cpu limit", give: func(c *Config) { c.NanoCPUs = 0 }, wantErr: "NanoCPUs"},
 		{name: "pids too low", give: func(c *Config) { c.PidsLimit = 4 }, wantErr: "PidsLimit"},
@@ -89,5 +93,12 @@ func TestContainerSpecIsHardened(t *testing.T) {
 	}
 	if cfg, _ := containerSpec(&c, ""); cfg.Labels[LabelTenant] != "" {
 		t.Errorf("a free sandbox has a tenant label")
+	}
+	if _, ok := cfg.Labels[LabelFleet]; ok {
+		t.Errorf("a sandbox of a runtime with no Fleet has a fleet label")
+	}
+	c.Fleet = "prod"
+	if cfg, _ := containerSpec(&c, ""); cfg.Labels[LabelFleet] != "prod" {
+		t.Errorf("fleet label %q, want %q", cfg.Labels[LabelFleet], "prod")
 	}
 }

@@ -26,6 +26,20 @@
 // its connections close, the agent sees end of input and exits, and
 // AutoRemove deletes the container: a dead-man switch.
 //
+// # Reaping
+//
+// The dead-man switch is not enough on its own: a snippet can open another
+// write end of its agent's stdin pipe (through /proc/self/fd; the pipe
+// belongs to the sandbox user), and that agent never sees end of input.
+// Every container is labelled with its worker (LabelWorker), the tenant it
+// was made for (LabelTenant) and, when Config.Fleet is set, its fleet
+// (LabelFleet). Reap, at start-up, removes this worker's untracked
+// containers and any isode container that is not running past a grace.
+// StartReaper repeats that periodically and, told by the caller which
+// workers are alive, removes running containers of this fleet whose worker
+// has been dead for the grace. It never removes another fleet's running
+// containers.
+//
 // # Deaths and deadlines
 //
 // A Runtime watches the engine's event stream (die and oom events of its

@@ -21,7 +21,8 @@ import (
 const DefaultSocketPath = "/var/run/docker.sock"
 
 // Runtime makes and tracks the sandboxes of one worker. It owns an event
-// watcher goroutine and background removals; Close ends them.
+// watcher goroutine, background removals and, once started, the reaper
+// (StartReaper); Close ends them.
 type Runtime struct {
 	cfg Config
 	cli *client.Client
@@ -37,6 +38,7 @@ type Runtime struct {
 	closed    bool
 	sandboxes map[string]*Sandbox // by container id
 	creating  map[string]bool     // names of containers being created
+	reaping   bool                // StartReaper has started the reaper
 }
 
 // New connects to the engine and checks that it can run sandboxes as cfg
@@ -317,7 +319,8 @@ func (r *Runtime) removeInBackground(id string) {
 }
 
 // Close closes every sandbox (removing its container), stops the event
-// watcher and background work, and closes the client. ctx bounds the
+// watcher, the reaper and background work, waits for them, and closes the
+// client. ctx bounds the
 // removals. It is idempotent.
 func (r *Runtime) Close(ctx context.Context) error {
 	r.mu.Lock()

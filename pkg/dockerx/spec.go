@@ -19,6 +19,9 @@ func containerSpec(c *Config, tenant string) (*container.Config, *container.Host
 	if tenant != "" {
 		labels[LabelTenant] = tenant
 	}
+	if c.Fleet != "" {
+		labels[LabelFleet] = c.Fleet
+	}
 	yes := true
 	pids := c.PidsLimit
 	cfg := &container.Config{
@@ -37,7 +40,8 @@ func containerSpec(c *Config, tenant string) (*container.Config, *container.Host
 		Labels: labels,
 		// The protocol: attached stdin and stdout, no TTY. StdinOnce closes
 		// the container's stdin when the attached client goes: the agent
-		// then exits (the dead-man switch).
+		// then exits (the dead-man switch), unless a snippet holds another
+		// write end of the pipe open; StartReaper removes those.
 		AttachStdin:     true,
 		AttachStdout:    true,
 		AttachStderr:    true,
