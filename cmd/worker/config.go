@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"net/url"
 	"os"
 	"regexp"
 	"strconv"
@@ -238,6 +239,9 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 // the setting at fault.
 func (c *config) finish() error {
 	var err error
+	if err := checkNATSURLs(c.NATSURL); err != nil {
+		return fmt.Errorf("%w: --nats: %v", errInvalidConfig, err)
+	}
 	if c.Docker.Memory, err = parseBytes(c.memory); err != nil {
 		return fmt.Errorf("%w: --memory %q: %v", errInvalidConfig, c.memory, err)
 	}
@@ -275,6 +279,32 @@ func (c *config) finish() error {
 	}
 	if err := c.Docker.Validate(); err != nil {
 		return fmt.Errorf("%w: %w", errInvalidConfig, err)
+	}
+	return nil
+}
+
+// checkNATSURLs checks that every URL of a comma-separated list parses as
+// nats.go will parse it. Its error shows the URL redacted: url.Parse's
+// own error would quote it, password and all.
+func checkNATSURLs(list string) error {
+	if list == "" {
+		return nil
+	}
+	for _, s := range strings.Split(list, ",") {
+		s = strings.TrimSpace(s)
+		if s == "" {
+			continue // nats.go skips empty entries too
+		}
+		u, _, err := parseNATSURL(s)
+		var ue *url.Error
+		switch {
+		case errors.As(err, &ue):
+			return fmt.Errorf("%s is not a URL: %v", redactURL(s), ue.Err)
+		case err != nil:
+			return fmt.Errorf("%s is not a URL", redactURL(s))
+		case u.Host == "":
+			return fmt.Errorf("%s has no host", redactURL(s))
+		}
 	}
 	return nil
 }

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/url"
+	"strings"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -57,23 +59,23 @@ func run(ctx, abort context.Context, args []string, stdout, stderr io.Writer) er
 			log.Warn().Err(err).Msg("disconnected from NATS")
 		}),
 		nats.ReconnectHandler(func(nc *nats.Conn) {
-			log.Info().Str("url", nc.ConnectedUrlRedacted()).Msg("reconnected to NATS")
+			log.Info().Str("url", redactURLs(nc.ConnectedUrl())).Msg("reconnected to NATS")
 		}),
 	}
-	url := cfg.NATSURL
-	if url == "" {
+	natsURL := cfg.NATSURL
+	if natsURL == "" {
 		embedded, err = startEmbedded(cfg.Listen, cfg.DataDir, log)
 		if err != nil {
 			return err
 		}
 		defer embedded.Shutdown()
-		url = embedded.ClientURL()
+		natsURL = embedded.ClientURL()
 		natsOpts = append(natsOpts, nats.InProcessServer(embedded))
-		log.Info().Str("url", url).Str("data", cfg.DataDir).Msg("embedded NATS server started")
+		log.Info().Str("url", redactURLs(natsURL)).Str("data", cfg.DataDir).Msg("embedded NATS server started")
 	}
-	nc, err := nats.Connect(url, natsOpts...)
+	nc, err := nats.Connect(natsURL, natsOpts...)
 	if err != nil {
-		return fmt.Errorf("connect to NATS at %s: %w", url, err)
+		return fmt.Errorf("connect to NATS at %s: %w", redactURLs(natsURL), err)
 	}
 	defer nc.Close()
 
@@ -180,4 +182,58 @@ func poolStats(s pool.Stats) protocol.PoolStats {
 		Evictions: s.Evictions, Recycles: s.Recycles, Deaths: s.Deaths,
 		Failures: s.CreateFailures, Rejected: s.Rejections, QueueTimeouts: s.QueueTimeouts,
 	}
+}
+
+// redactURLs returns a comma-separated list of NATS URLs fit to log or put
+// in an error: each password is replaced as net/url's Redacted does, and a
+// user name without a password, which NATS reads as a token, is replaced
+// whole. Everything log lines and errors of this package show of a NATS URL
+// goes through it.
+func redactURLs(list string) string {
+	parts := strings.Split(list, ",")
+	for i, p := range parts {
+		parts[i] = redactURL(strings.TrimSpace(p))
+	}
+	return strings.Join(parts, ",")
+}
+
+const redacted = "xxxxx" // as net/url's URL.Redacted writes a password
+
+func redactURL(s string) string {
+	if s == "" {
+		return s
+	}
+	u, schemeless, err := parseNATSURL(s)
+	if err != nil {
+		// Not a URL: show only what follows the last '@', the host.
+		at := strings.LastIndex(s, "@")
+		if at < 0 {
+			return s
+		}
+		scheme := ""
+		if i := strings.Index(s, "://"); i >= 0 && i < at {
+			scheme = s[:i+3]
+		}
+		return scheme + redacted + "@" + s[at+1:]
+	}
+	if u.User != nil {
+		if _, ok := u.User.Password(); !ok {
+			u.User = url.User(redacted) // a token
+		}
+	}
+	out := u.Redacted()
+	if schemeless {
+		out = strings.TrimPrefix(out, "nats://")
+	}
+	return out
+}
+
+// parseNATSURL parses one NATS URL as nats.go does: "host:port" without a
+// scheme is read as nats://host:port (schemeless reports that).
+func parseNATSURL(s string) (u *url.URL, schemeless bool, err error) {
+	if !strings.Contains(s, "://") {
+		s, schemeless = "nats://"+s, true
+	}
+	u, err = url.Parse(s)
+	return u, schemeless, err
 }
