@@ -44,6 +44,10 @@ type config struct {
 	// Sizes as given, parsed in parse.
 	memory, tmpfs string
 	cpus          float64
+
+	// natsMaxControlLine is the max_control_line of the NATS server; it
+	// moves to Fleet.MaxControlLine once fleet.Config has that field.
+	natsMaxControlLine int
 }
 
 func defaultConfig() config {
@@ -65,8 +69,17 @@ func defaultConfig() config {
 		memory:    "128MiB",
 		tmpfs:     "16MiB",
 		cpus:      1,
+
+		natsMaxControlLine: defaultMaxControlLine,
 	}
 }
+
+// Bounds of --max-control-line; the default is nats-server's own.
+const (
+	defaultMaxControlLine = 4096
+	minMaxControlLine     = 1024
+	maxMaxControlLine     = 1 << 20
+)
 
 // workerPoolDefaults are the pool's defaults, with a refill delay.
 func workerPoolDefaults() pool.Config {
@@ -186,6 +199,7 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 	}
 
 	fs.str(&c.NATSURL, "nats", "ISODE_NATS_URL", "NATS server URL(s), comma-separated; empty starts an embedded JetStream server")
+	fs.int(&c.natsMaxControlLine, "max-control-line", "ISODE_NATS_MAX_CONTROL_LINE", "the max_control_line of the NATS server the worker connects to; subjects the worker publishes to are checked against it (the embedded server is given it)")
 	fs.str(&c.Listen, "listen", "ISODE_LISTEN", "client address of the embedded NATS server")
 	fs.str(&c.DataDir, "data-dir", "ISODE_DATA_DIR", "JetStream store directory of the embedded NATS server")
 	fs.str(&c.WorkerID, "id", "ISODE_WORKER_ID", "worker id (default: host name plus a random suffix)")
@@ -242,6 +256,9 @@ func (c *config) finish() error {
 	if err := checkNATSURLs(c.NATSURL); err != nil {
 		return fmt.Errorf("%w: --nats: %v", errInvalidConfig, err)
 	}
+	if c.natsMaxControlLine < minMaxControlLine || c.natsMaxControlLine > maxMaxControlLine {
+		return fmt.Errorf("%w: --max-control-line %d is not in [%d, %d]", errInvalidConfig, c.natsMaxControlLine, minMaxControlLine, maxMaxControlLine)
+	}
 	if c.Docker.Memory, err = parseBytes(c.memory); err != nil {
 		return fmt.Errorf("%w: --memory %q: %v", errInvalidConfig, c.memory, err)
 	}
@@ -274,6 +291,7 @@ func (c *config) finish() error {
 	c.Fleet.Shards = c.Shards
 	c.Fleet.Heartbeat = c.Heartbeat
 	c.Fleet.MemberTTL = c.MemberTTL
+	// TODO(fleet): c.Fleet.MaxControlLine = c.natsMaxControlLine
 	if err := c.Pool.Validate(); err != nil {
 		return fmt.Errorf("%w: %w", errInvalidConfig, err)
 	}

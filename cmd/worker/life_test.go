@@ -6,8 +6,14 @@ package main
 
 import (
 	"bytes"
+	"fmt"
+	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/rs/zerolog"
+
+	"github.com/isode-run/isode/internal/testenv"
 )
 
 func TestLifeRedactURLs(t *testing.T) {
@@ -51,5 +57,47 @@ func TestLifeBadNATSURLHidesThePassword(t *testing.T) {
 	}
 	if strings.Contains(err.Error(), "s3cret") {
 		t.Errorf("the error shows the password: %v", err)
+	}
+}
+
+// TestLifeEmbeddedWarnsBeyondLoopback: the embedded server has no
+// authentication, so listening beyond loopback earns a warning that says
+// what to do instead; on loopback it stays quiet.
+func TestLifeEmbeddedWarnsBeyondLoopback(t *testing.T) {
+	for _, tt := range []struct {
+		host string
+		warn bool
+	}{
+		{host: "127.0.0.1", warn: false},
+		{host: "localhost", warn: false},
+		{host: "0.0.0.0", warn: true},
+		{host: "", warn: true},
+	} {
+		t.Run(fmt.Sprintf("%q", tt.host), func(t *testing.T) {
+			var buf syncBuffer
+			log := zerolog.New(&buf)
+			listen := fmt.Sprintf("%s:%d", tt.host, testenv.FreePort(t))
+			s, err := startEmbedded(listen, filepath.Join(t.TempDir(), "nats"), 2048, log)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer func() { s.Shutdown(); s.WaitForShutdown() }()
+			warned := strings.Contains(buf.String(), "without authentication")
+			if warned != tt.warn {
+				t.Fatalf("listen %s: warned %v, want %v; log:\n%s", listen, warned, tt.warn, buf.String())
+			}
+			if tt.warn {
+				for _, want := range []string{`"level":"warn"`, "--nats", "deploy/nats.conf", "127.0.0.1"} {
+					if !strings.Contains(buf.String(), want) {
+						t.Errorf("the warning does not say %q:\n%s", want, buf.String())
+					}
+				}
+			}
+			if v, err := s.Varz(nil); err != nil {
+				t.Error(err)
+			} else if v.MaxControlLine != 2048 {
+				t.Errorf("embedded server's max_control_line = %d, want the setting, 2048", v.MaxControlLine)
+			}
+		})
 	}
 }

@@ -64,7 +64,7 @@ func run(ctx, abort context.Context, args []string, stdout, stderr io.Writer) er
 	}
 	natsURL := cfg.NATSURL
 	if natsURL == "" {
-		embedded, err = startEmbedded(cfg.Listen, cfg.DataDir, log)
+		embedded, err = startEmbedded(cfg.Listen, cfg.DataDir, cfg.natsMaxControlLine, log)
 		if err != nil {
 			return err
 		}
