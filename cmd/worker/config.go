@@ -36,6 +36,8 @@ type config struct {
 	DebugAddr string        // pprof listener, "" for none
 	Heartbeat time.Duration // fleet membership heartbeat
 	MemberTTL time.Duration // fleet membership expiry
+	// NATSConnectTimeout bounds the wait for the NATS server at start.
+	NATSConnectTimeout time.Duration
 
 	Pool   pool.Config
 	Docker dockerx.Config
@@ -70,6 +72,7 @@ func defaultConfig() config {
 		tmpfs:     "16MiB",
 		cpus:      1,
 
+		NATSConnectTimeout: 60 * time.Second,
 		natsMaxControlLine: defaultMaxControlLine,
 	}
 }
@@ -199,6 +202,7 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 	}
 
 	fs.str(&c.NATSURL, "nats", "ISODE_NATS_URL", "NATS server URL(s), comma-separated; empty starts an embedded JetStream server")
+	fs.dur(&c.NATSConnectTimeout, "nats-connect-timeout", "ISODE_NATS_CONNECT_TIMEOUT", "at start, how long to wait for the NATS server before giving up")
 	fs.int(&c.natsMaxControlLine, "max-control-line", "ISODE_NATS_MAX_CONTROL_LINE", "the max_control_line of the NATS server the worker connects to; subjects the worker publishes to are checked against it (the embedded server is given it)")
 	fs.str(&c.Listen, "listen", "ISODE_LISTEN", "client address of the embedded NATS server")
 	fs.str(&c.DataDir, "data-dir", "ISODE_DATA_DIR", "JetStream store directory of the embedded NATS server")
@@ -255,6 +259,9 @@ func (c *config) finish() error {
 	var err error
 	if err := checkNATSURLs(c.NATSURL); err != nil {
 		return fmt.Errorf("%w: --nats: %v", errInvalidConfig, err)
+	}
+	if c.NATSConnectTimeout <= 0 {
+		return fmt.Errorf("%w: --nats-connect-timeout %v must be positive", errInvalidConfig, c.NATSConnectTimeout)
 	}
 	if c.natsMaxControlLine < minMaxControlLine || c.natsMaxControlLine > maxMaxControlLine {
 		return fmt.Errorf("%w: --max-control-line %d is not in [%d, %d]", errInvalidConfig, c.natsMaxControlLine, minMaxControlLine, maxMaxControlLine)

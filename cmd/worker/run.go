@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net/url"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -46,22 +47,6 @@ func run(ctx, abort context.Context, args []string, stdout, stderr io.Writer) er
 
 	// NATS: the embedded server, or the one named.
 	var embedded *server.Server
-	ncClosed := make(chan struct{})
-	natsOpts := []nats.Option{
-		nats.ClosedHandler(func(*nats.Conn) { close(ncClosed) }),
-		nats.Name("isode-worker " + cfg.WorkerID),
-		// Its own inbox prefix, so a NATS permission can give applications
-		// _INBOX.> without letting them read the requests workers pull.
-		nats.CustomInboxPrefix("_ISODE_WORKER"),
-		nats.MaxReconnects(-1),
-		nats.ReconnectWait(250 * time.Millisecond),
-		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
-			log.Warn().Err(err).Msg("disconnected from NATS")
-		}),
-		nats.ReconnectHandler(func(nc *nats.Conn) {
-			log.Info().Str("url", redactURLs(nc.ConnectedUrl())).Msg("reconnected to NATS")
-		}),
-	}
 	natsURL := cfg.NATSURL
 	if natsURL == "" {
 		embedded, err = startEmbedded(cfg.Listen, cfg.DataDir, cfg.natsMaxControlLine, log)
@@ -70,12 +55,11 @@ func run(ctx, abort context.Context, args []string, stdout, stderr io.Writer) er
 		}
 		defer embedded.Shutdown()
 		natsURL = embedded.ClientURL()
-		natsOpts = append(natsOpts, nats.InProcessServer(embedded))
 		log.Info().Str("url", redactURLs(natsURL)).Str("data", cfg.DataDir).Msg("embedded NATS server started")
 	}
-	nc, err := nats.Connect(natsURL, natsOpts...)
-	if err != nil {
-		return fmt.Errorf("connect to NATS at %s: %w", redactURLs(natsURL), err)
+	nc, ncClosed, err := connectNATS(ctx, natsURL, embedded, cfg, log)
+	if err != nil || nc == nil {
+		return err // nil: ctx ended while waiting for NATS
 	}
 	defer nc.Close()
 
@@ -135,7 +119,22 @@ func run(ctx, abort context.Context, args []string, stdout, stderr io.Writer) er
 		Int("capacity", cfg.Fleet.Capacity).Str("image", cfg.Docker.Image).
 		Msg("worker ready")
 
-	<-ctx.Done()
+	select {
+	case <-ctx.Done():
+	case <-ncClosed:
+		// Closed while serving, not by us: a fatal -ERR from the server
+		// (nats.go does not reconnect after those). Staying up would serve
+		// nothing; exit so that a supervisor starts a fresh worker.
+		cause := nc.LastError()
+		if cause == nil {
+			cause = errors.New("no error reported")
+		}
+		log.Error().Err(cause).Str("url", redactURLs(natsURL)).
+			Msg("NATS connection closed for good; it will not reconnect: stopping the worker (its requests are redelivered to others)")
+		abandon(w, p, log)
+		poolClosed = true
+		return fmt.Errorf("%w (%s): %w", errNATSClosed, redactURLs(natsURL), cause)
+	}
 
 	// Drain: stop pulling; requests waiting in the pool are handed back to
 	// the stream for another worker; runs in flight get the grace period.
@@ -174,6 +173,37 @@ func run(ctx, abort context.Context, args []string, stdout, stderr io.Writer) er
 	return nil
 }
 
+// abandon stops a worker whose NATS connection is closed for good. Nothing
+// it runs can be answered or acknowledged any more, so runs in flight are
+// cancelled at once (JetStream redelivers their requests to another worker
+// after the ack wait) and the pool is closed, each step within a bound; the
+// caller then closes the Docker runtime, which removes the containers.
+func abandon(w *fleet.Worker, p *pool.Pool, log zerolog.Logger) {
+	w.Abort()
+	// StopPulling only cancels loops and deletes the members key (which
+	// fails at once on a closed connection); bounded all the same, because
+	// a worker that hangs here is the failure this path exists to avoid. If
+	// it does not return, its goroutine ends with the process.
+	stopped := make(chan struct{})
+	go func() {
+		w.StopPulling()
+		close(stopped)
+	}()
+	select {
+	case <-stopped:
+	case <-time.After(5 * time.Second):
+		log.Warn().Msg("stop pulling: not done within 5s; exiting anyway")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := w.Wait(ctx); err != nil {
+		log.Warn().Err(err).Msg("aborted runs did not end within 10s")
+	}
+	if err := p.Close(ctx); err != nil {
+		log.Warn().Err(err).Msg("close pool")
+	}
+}
+
 func poolStats(s pool.Stats) protocol.PoolStats {
 	return protocol.PoolStats{
 		Free: s.Free, Assigned: s.Assigned, Busy: s.Busy, Creating: s.Creating,
@@ -181,6 +211,107 @@ func poolStats(s pool.Stats) protocol.PoolStats {
 		Hits: s.Hits, PoolHits: s.PoolHits, ColdStarts: s.ColdStarts,
 		Evictions: s.Evictions, Recycles: s.Recycles, Deaths: s.Deaths,
 		Failures: s.CreateFailures, Rejected: s.Rejections, QueueTimeouts: s.QueueTimeouts,
+	}
+}
+
+// Errors of the worker's NATS connection.
+var (
+	// errNATSUnreachable: no NATS server was reachable within
+	// --nats-connect-timeout of the start.
+	errNATSUnreachable = errors.New("NATS server not reachable")
+	// errNATSClosed: the connection was closed for good while serving.
+	errNATSClosed = errors.New("NATS connection closed for good")
+)
+
+// natsWaitProgress is how often the wait for NATS at start says it still waits.
+const natsWaitProgress = 10 * time.Second
+
+// connectNATS connects to natsURL (the embedded server when embedded is not
+// nil) and waits until it is connected, at most cfg.NATSConnectTimeout: a
+// worker started at the same moment as its NATS server, as compose and
+// systemd start them, waits for it instead of exiting. Once connected, the
+// connection reconnects forever after a network loss. connectNATS returns
+// the connection and a channel closed once the connection is closed for
+// good, or a nil connection and a nil error when ctx ended while waiting.
+func connectNATS(ctx context.Context, natsURL string, embedded *server.Server, cfg config, log zerolog.Logger) (*nats.Conn, <-chan struct{}, error) {
+	shown := redactURLs(natsURL)
+	var (
+		connected, closed       = make(chan struct{}), make(chan struct{})
+		connectOnce, closedOnce sync.Once
+		mu                      sync.Mutex
+		lastErr                 error // of the last failed connection attempt
+	)
+	last := func() string {
+		mu.Lock()
+		defer mu.Unlock()
+		if lastErr == nil {
+			return "none reported"
+		}
+		return lastErr.Error()
+	}
+	opts := []nats.Option{
+		nats.Name("isode-worker " + cfg.WorkerID),
+		// Its own inbox prefix, so a NATS permission can give applications
+		// _INBOX.> without letting them read the requests workers pull.
+		nats.CustomInboxPrefix("_ISODE_WORKER"),
+		nats.RetryOnFailedConnect(true),
+		nats.MaxReconnects(-1),
+		nats.ReconnectWait(250 * time.Millisecond),
+		nats.ConnectHandler(func(nc *nats.Conn) {
+			log.Info().Str("url", redactURLs(nc.ConnectedUrl())).Msg("connected to NATS")
+			connectOnce.Do(func() { close(connected) })
+		}),
+		nats.ClosedHandler(func(*nats.Conn) { closedOnce.Do(func() { close(closed) }) }),
+		nats.ReconnectErrHandler(func(_ *nats.Conn, err error) {
+			mu.Lock()
+			lastErr = err
+			mu.Unlock()
+		}),
+		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+			log.Warn().Err(err).Msg("disconnected from NATS")
+		}),
+		nats.ReconnectHandler(func(nc *nats.Conn) {
+			log.Info().Str("url", redactURLs(nc.ConnectedUrl())).Msg("reconnected to NATS")
+		}),
+	}
+	if embedded != nil {
+		opts = append(opts, nats.InProcessServer(embedded))
+	}
+	nc, err := nats.Connect(natsURL, opts...)
+	if err != nil {
+		return nil, nil, fmt.Errorf("connect to NATS at %s: %w", shown, err)
+	}
+	if !nc.IsConnected() {
+		log.Info().Str("url", shown).Dur("timeout", cfg.NATSConnectTimeout).Msg("waiting for NATS at " + shown)
+	}
+	began := time.Now()
+	timeout := time.NewTimer(cfg.NATSConnectTimeout)
+	defer timeout.Stop()
+	progress := time.NewTicker(natsWaitProgress)
+	defer progress.Stop()
+	for {
+		select {
+		case <-connected:
+			return nc, closed, nil
+		case <-closed:
+			// Refused for good, e.g. the same authorization error twice.
+			cause := nc.LastError()
+			if cause == nil {
+				cause = errors.New(last())
+			}
+			return nil, nil, fmt.Errorf("connect to NATS at %s: %w", shown, cause)
+		case <-ctx.Done():
+			nc.Close()
+			log.Info().Str("url", shown).Msg("stopped while waiting for NATS")
+			return nil, nil, nil
+		case <-progress.C:
+			log.Info().Str("url", shown).Dur("waited", time.Since(began).Round(time.Second)).
+				Dur("timeout", cfg.NATSConnectTimeout).Str("last_error", last()).Msg("still waiting for NATS")
+		case <-timeout.C:
+			nc.Close()
+			return nil, nil, fmt.Errorf("%w at %s within %v (--nats-connect-timeout); last attempt: %s",
+				errNATSUnreachable, shown, cfg.NATSConnectTimeout, last())
+		}
 	}
 }
 
