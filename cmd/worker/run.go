@@ -267,6 +267,15 @@ func connectNATS(ctx context.Context, natsURL string, embedded *server.Server, c
 			lastErr = err
 			mu.Unlock()
 		}),
+		// Asynchronous errors (permission violations, slow consumers, the
+		// -ERR before a close) go to the log, not to nats.go's bare stderr line.
+		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
+			ev := log.Warn().Err(err)
+			if sub != nil {
+				ev = ev.Str("subject", sub.Subject)
+			}
+			ev.Msg("NATS error")
+		}),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
 			log.Warn().Err(err).Msg("disconnected from NATS")
 		}),
