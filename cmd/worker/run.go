@@ -22,7 +22,8 @@ import (
 )
 
 // run is the whole worker: it returns when ctx ends (after a graceful
-// drain) or on a fatal error. abort ends a drain early.
+// drain) or on a fatal error, a NATS connection closed for good among
+// them. abort ends a drain early.
 func run(ctx, abort context.Context, args []string, stdout, stderr io.Writer) error {
 	cfg, err := parseConfig(args, stderr)
 	if err != nil {
