@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"net/url"
 	"os"
 	"regexp"
 	"strconv"
@@ -35,6 +36,8 @@ type config struct {
 	DebugAddr string        // pprof listener, "" for none
 	Heartbeat time.Duration // fleet membership heartbeat
 	MemberTTL time.Duration // fleet membership expiry
+	// NATSConnectTimeout bounds the wait for the NATS server at start.
+	NATSConnectTimeout time.Duration
 
 	Pool   pool.Config
 	Docker dockerx.Config
@@ -43,6 +46,10 @@ type config struct {
 	// Sizes as given, parsed in parse.
 	memory, tmpfs string
 	cpus          float64
+
+	// natsMaxControlLine is the max_control_line of the NATS server; it
+	// moves to Fleet.MaxControlLine once fleet.Config has that field.
+	natsMaxControlLine int
 }
 
 func defaultConfig() config {
@@ -64,8 +71,18 @@ func defaultConfig() config {
 		memory:    "128MiB",
 		tmpfs:     "16MiB",
 		cpus:      1,
+
+		NATSConnectTimeout: 60 * time.Second,
+		natsMaxControlLine: defaultMaxControlLine,
 	}
 }
+
+// Bounds of --max-control-line; the default is nats-server's own.
+const (
+	defaultMaxControlLine = 4096
+	minMaxControlLine     = 1024
+	maxMaxControlLine     = 1 << 20
+)
 
 // workerPoolDefaults are the pool's defaults, with a refill delay.
 func workerPoolDefaults() pool.Config {
@@ -185,6 +202,8 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 	}
 
 	fs.str(&c.NATSURL, "nats", "ISODE_NATS_URL", "NATS server URL(s), comma-separated; empty starts an embedded JetStream server")
+	fs.dur(&c.NATSConnectTimeout, "nats-connect-timeout", "ISODE_NATS_CONNECT_TIMEOUT", "at start, how long to wait for the NATS server before giving up")
+	fs.int(&c.natsMaxControlLine, "max-control-line", "ISODE_NATS_MAX_CONTROL_LINE", "the max_control_line of the NATS server the worker connects to; subjects the worker publishes to are checked against it (the embedded server is given it)")
 	fs.str(&c.Listen, "listen", "ISODE_LISTEN", "client address of the embedded NATS server")
 	fs.str(&c.DataDir, "data-dir", "ISODE_DATA_DIR", "JetStream store directory of the embedded NATS server")
 	fs.str(&c.WorkerID, "id", "ISODE_WORKER_ID", "worker id (default: host name plus a random suffix)")
@@ -240,6 +259,15 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 // the setting at fault.
 func (c *config) finish() error {
 	var err error
+	if err := checkNATSURLs(c.NATSURL); err != nil {
+		return fmt.Errorf("%w: --nats: %v", errInvalidConfig, err)
+	}
+	if c.NATSConnectTimeout <= 0 {
+		return fmt.Errorf("%w: --nats-connect-timeout %v must be positive", errInvalidConfig, c.NATSConnectTimeout)
+	}
+	if c.natsMaxControlLine < minMaxControlLine || c.natsMaxControlLine > maxMaxControlLine {
+		return fmt.Errorf("%w: --max-control-line %d is not in [%d, %d]", errInvalidConfig, c.natsMaxControlLine, minMaxControlLine, maxMaxControlLine)
+	}
 	if c.Docker.Memory, err = parseBytes(c.memory); err != nil {
 		return fmt.Errorf("%w: --memory %q: %v", errInvalidConfig, c.memory, err)
 	}
@@ -272,11 +300,38 @@ func (c *config) finish() error {
 	c.Fleet.Shards = c.Shards
 	c.Fleet.Heartbeat = c.Heartbeat
 	c.Fleet.MemberTTL = c.MemberTTL
+	// TODO(fleet): c.Fleet.MaxControlLine = c.natsMaxControlLine
 	if err := c.Pool.Validate(); err != nil {
 		return fmt.Errorf("%w: %w", errInvalidConfig, err)
 	}
 	if err := c.Docker.Validate(); err != nil {
 		return fmt.Errorf("%w: %w", errInvalidConfig, err)
+	}
+	return nil
+}
+
+// checkNATSURLs checks that every URL of a comma-separated list parses as
+// nats.go will parse it. Its error shows the URL redacted: url.Parse's
+// own error would quote it, password and all.
+func checkNATSURLs(list string) error {
+	if list == "" {
+		return nil
+	}
+	for _, s := range strings.Split(list, ",") {
+		s = strings.TrimSpace(s)
+		if s == "" {
+			continue // nats.go skips empty entries too
+		}
+		u, _, err := parseNATSURL(s)
+		var ue *url.Error
+		switch {
+		case errors.As(err, &ue):
+			return fmt.Errorf("%s is not a URL: %v", redactURL(s), ue.Err)
+		case err != nil:
+			return fmt.Errorf("%s is not a URL", redactURL(s))
+		case u.Host == "":
+			return fmt.Errorf("%s has no host", redactURL(s))
+		}
 	}
 	return nil
 }

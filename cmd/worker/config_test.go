@@ -27,7 +27,35 @@ func TestParseConfig(t *testing.T) {
 			if c.Docker.Memory != 128<<20 || c.Docker.NanoCPUs != 1e9 || c.Docker.Concurrency != c.Pool.PerSandbox {
 				t.Errorf("sandbox limits: %+v", c.Docker)
 			}
+			if c.NATSConnectTimeout != 60*time.Second || c.natsMaxControlLine != 4096 {
+				t.Errorf("NATS defaults: connect timeout %v, max control line %d", c.NATSConnectTimeout, c.natsMaxControlLine)
+			}
 		}},
+		{name: "NATS settings from the environment", env: map[string]string{"ISODE_NATS_CONNECT_TIMEOUT": "5m", "ISODE_NATS_MAX_CONTROL_LINE": "8192"},
+			check: func(t *testing.T, c config) {
+				if c.NATSConnectTimeout != 5*time.Minute || c.natsMaxControlLine != 8192 {
+					t.Errorf("env not applied: connect timeout %v, max control line %d", c.NATSConnectTimeout, c.natsMaxControlLine)
+				}
+			}},
+		{name: "NATS settings from flags", args: []string{"--nats-connect-timeout", "1s", "--max-control-line", "1024", "--nats", "a:s3cret@n1:4222, nats://n2:4222,"},
+			check: func(t *testing.T, c config) {
+				if c.NATSConnectTimeout != time.Second || c.natsMaxControlLine != 1024 {
+					t.Errorf("flags not applied: connect timeout %v, max control line %d", c.NATSConnectTimeout, c.natsMaxControlLine)
+				}
+			}},
+		{name: "max control line at the top", args: []string{"--max-control-line", "1048576"},
+			check: func(t *testing.T, c config) {
+				if c.natsMaxControlLine != 1<<20 {
+					t.Errorf("max control line %d", c.natsMaxControlLine)
+				}
+			}},
+		{name: "max control line too small", args: []string{"--max-control-line", "1023"}, wantErr: "--max-control-line"},
+		{name: "max control line too large", args: []string{"--max-control-line", "1048577"}, wantErr: "--max-control-line"},
+		{name: "bad max control line in the environment", env: map[string]string{"ISODE_NATS_MAX_CONTROL_LINE": "4k"}, wantErr: "ISODE_NATS_MAX_CONTROL_LINE"},
+		{name: "zero connect timeout", args: []string{"--nats-connect-timeout", "0s"}, wantErr: "--nats-connect-timeout"},
+		{name: "negative connect timeout", env: map[string]string{"ISODE_NATS_CONNECT_TIMEOUT": "-1s"}, wantErr: "--nats-connect-timeout"},
+		{name: "bad connect timeout in the environment", env: map[string]string{"ISODE_NATS_CONNECT_TIMEOUT": "soon"}, wantErr: "ISODE_NATS_CONNECT_TIMEOUT"},
+		{name: "NATS URL without a host", args: []string{"--nats", "nats://"}, wantErr: "--nats"},
 		{name: "environment", env: map[string]string{"ISODE_NATS_URL": "nats://n:4222", "ISODE_LOW": "3", "ISODE_IMAGE": "img:1", "ISODE_IDLE_TIMEOUT": "30s", "ISODE_MEMORY": "256MiB", "ISODE_STREAM_MEMORY": "true"},
 			check: func(t *testing.T, c config) {
 				if c.NATSURL != "nats://n:4222" || c.Pool.Low != 3 || c.Docker.Image != "img:1" || c.Pool.IdleTimeout != 30*time.Second || c.Docker.Memory != 256<<20 || !c.Fleet.StreamMemory {
@@ -80,7 +108,8 @@ func TestHelpListsEverySetting(t *testing.T) {
 	}
 	help := stderr.String()
 	for _, want := range []string{"--nats", "ISODE_NATS_URL", "--id", "ISODE_WORKER_ID", "--low", "--high", "--idle", "--concurrency",
-		"--queue", "--tenant-queue", "ISODE_IMAGE", "--memory", "--cpus", "--pids", "--runtime", "default 16"} {
+		"--queue", "--tenant-queue", "ISODE_IMAGE", "--memory", "--cpus", "--pids", "--runtime", "default 16",
+		"--nats-connect-timeout", "ISODE_NATS_CONNECT_TIMEOUT", "default 1m0s", "--max-control-line", "ISODE_NATS_MAX_CONTROL_LINE", "default 4096"} {
 		if !strings.Contains(help, strings.TrimPrefix(want, "-")) {
 			t.Errorf("help does not mention %s", want)
 		}

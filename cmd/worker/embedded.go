@@ -13,8 +13,10 @@ import (
 )
 
 // startEmbedded starts a JetStream-enabled NATS server in this process, so
-// that one machine needs nothing else. Its store lives under dataDir.
-func startEmbedded(listen, dataDir string, log zerolog.Logger) (*server.Server, error) {
+// that one machine needs nothing else. Its store lives under dataDir; its
+// max_control_line is maxControlLine. It has no authentication: it warns
+// when it listens on anything but loopback.
+func startEmbedded(listen, dataDir string, maxControlLine int, log zerolog.Logger) (*server.Server, error) {
 	host, portStr, err := net.SplitHostPort(listen)
 	if err != nil {
 		return nil, fmt.Errorf("%w: --listen %q: %v", errInvalidConfig, listen, err)
@@ -30,6 +32,10 @@ func startEmbedded(listen, dataDir string, log zerolog.Logger) (*server.Server, 
 	} else {
 		l.Close()
 	}
+	if !loopback(host) {
+		log.Warn().Str("listen", listen).
+			Msg("the embedded NATS server listens beyond loopback without authentication: anyone who reaches this port can submit snippets, read every reply and change or delete the request stream. Keep --listen on 127.0.0.1, or run a NATS server with users and permissions (see deploy/nats.conf) and pass it to every worker with --nats")
+	}
 	if err := os.MkdirAll(dataDir, 0o750); err != nil {
 		return nil, fmt.Errorf("embedded NATS data directory: %w", err)
 	}
@@ -40,6 +46,8 @@ func startEmbedded(listen, dataDir string, log zerolog.Logger) (*server.Server, 
 		JetStream:  true,
 		StoreDir:   dataDir,
 		NoSigs:     true,
+		// The setting says what the server enforces; here the worker sets it.
+		MaxControlLine: int32(maxControlLine),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("embedded NATS server: %w", err)
@@ -51,6 +59,16 @@ func startEmbedded(listen, dataDir string, log zerolog.Logger) (*server.Server, 
 		return nil, errors.New("embedded NATS server did not become ready within 10s")
 	}
 	return s, nil
+}
+
+// loopback reports whether host (of a listen address) is a loopback
+// address or localhost; "" and 0.0.0.0 listen on every interface.
+func loopback(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 // natsLogger sends the embedded server's log to zerolog.

@@ -6,6 +6,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/url"
+	"strings"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -19,7 +22,8 @@ import (
 )
 
 // run is the whole worker: it returns when ctx ends (after a graceful
-// drain) or on a fatal error. abort ends a drain early.
+// drain) or on a fatal error, a NATS connection closed for good among
+// them. abort ends a drain early.
 func run(ctx, abort context.Context, args []string, stdout, stderr io.Writer) error {
 	cfg, err := parseConfig(args, stderr)
 	if err != nil {
@@ -44,36 +48,19 @@ func run(ctx, abort context.Context, args []string, stdout, stderr io.Writer) er
 
 	// NATS: the embedded server, or the one named.
 	var embedded *server.Server
-	ncClosed := make(chan struct{})
-	natsOpts := []nats.Option{
-		nats.ClosedHandler(func(*nats.Conn) { close(ncClosed) }),
-		nats.Name("isode-worker " + cfg.WorkerID),
-		// Its own inbox prefix, so a NATS permission can give applications
-		// _INBOX.> without letting them read the requests workers pull.
-		nats.CustomInboxPrefix("_ISODE_WORKER"),
-		nats.MaxReconnects(-1),
-		nats.ReconnectWait(250 * time.Millisecond),
-		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
-			log.Warn().Err(err).Msg("disconnected from NATS")
-		}),
-		nats.ReconnectHandler(func(nc *nats.Conn) {
-			log.Info().Str("url", nc.ConnectedUrlRedacted()).Msg("reconnected to NATS")
-		}),
-	}
-	url := cfg.NATSURL
-	if url == "" {
-		embedded, err = startEmbedded(cfg.Listen, cfg.DataDir, log)
+	natsURL := cfg.NATSURL
+	if natsURL == "" {
+		embedded, err = startEmbedded(cfg.Listen, cfg.DataDir, cfg.natsMaxControlLine, log)
 		if err != nil {
 			return err
 		}
 		defer embedded.Shutdown()
-		url = embedded.ClientURL()
-		natsOpts = append(natsOpts, nats.InProcessServer(embedded))
-		log.Info().Str("url", url).Str("data", cfg.DataDir).Msg("embedded NATS server started")
+		natsURL = embedded.ClientURL()
+		log.Info().Str("url", redactURLs(natsURL)).Str("data", cfg.DataDir).Msg("embedded NATS server started")
 	}
-	nc, err := nats.Connect(url, natsOpts...)
-	if err != nil {
-		return fmt.Errorf("connect to NATS at %s: %w", url, err)
+	nc, ncClosed, err := connectNATS(ctx, natsURL, embedded, cfg, log)
+	if err != nil || nc == nil {
+		return err // nil: ctx ended while waiting for NATS
 	}
 	defer nc.Close()
 
@@ -133,7 +120,22 @@ func run(ctx, abort context.Context, args []string, stdout, stderr io.Writer) er
 		Int("capacity", cfg.Fleet.Capacity).Str("image", cfg.Docker.Image).
 		Msg("worker ready")
 
-	<-ctx.Done()
+	select {
+	case <-ctx.Done():
+	case <-ncClosed:
+		// Closed while serving, not by us: a fatal -ERR from the server
+		// (nats.go does not reconnect after those). Staying up would serve
+		// nothing; exit so that a supervisor starts a fresh worker.
+		cause := nc.LastError()
+		if cause == nil {
+			cause = errors.New("no error reported")
+		}
+		log.Error().Err(cause).Str("url", redactURLs(natsURL)).
+			Msg("NATS connection closed for good; it will not reconnect: stopping the worker (its requests are redelivered to others)")
+		abandon(w, p, log)
+		poolClosed = true
+		return fmt.Errorf("%w (%s): %w", errNATSClosed, redactURLs(natsURL), cause)
+	}
 
 	// Drain: stop pulling; requests waiting in the pool are handed back to
 	// the stream for another worker; runs in flight get the grace period.
@@ -172,6 +174,37 @@ func run(ctx, abort context.Context, args []string, stdout, stderr io.Writer) er
 	return nil
 }
 
+// abandon stops a worker whose NATS connection is closed for good. Nothing
+// it runs can be answered or acknowledged any more, so runs in flight are
+// cancelled at once (JetStream redelivers their requests to another worker
+// after the ack wait) and the pool is closed, each step within a bound; the
+// caller then closes the Docker runtime, which removes the containers.
+func abandon(w *fleet.Worker, p *pool.Pool, log zerolog.Logger) {
+	w.Abort()
+	// StopPulling only cancels loops and deletes the members key (which
+	// fails at once on a closed connection); bounded all the same, because
+	// a worker that hangs here is the failure this path exists to avoid. If
+	// it does not return, its goroutine ends with the process.
+	stopped := make(chan struct{})
+	go func() {
+		w.StopPulling()
+		close(stopped)
+	}()
+	select {
+	case <-stopped:
+	case <-time.After(5 * time.Second):
+		log.Warn().Msg("stop pulling: not done within 5s; exiting anyway")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := w.Wait(ctx); err != nil {
+		log.Warn().Err(err).Msg("aborted runs did not end within 10s")
+	}
+	if err := p.Close(ctx); err != nil {
+		log.Warn().Err(err).Msg("close pool")
+	}
+}
+
 func poolStats(s pool.Stats) protocol.PoolStats {
 	return protocol.PoolStats{
 		Free: s.Free, Assigned: s.Assigned, Busy: s.Busy, Creating: s.Creating,
@@ -180,4 +213,168 @@ func poolStats(s pool.Stats) protocol.PoolStats {
 		Evictions: s.Evictions, Recycles: s.Recycles, Deaths: s.Deaths,
 		Failures: s.CreateFailures, Rejected: s.Rejections, QueueTimeouts: s.QueueTimeouts,
 	}
+}
+
+// Errors of the worker's NATS connection.
+var (
+	// errNATSUnreachable: no NATS server was reachable within
+	// --nats-connect-timeout of the start.
+	errNATSUnreachable = errors.New("NATS server not reachable")
+	// errNATSClosed: the connection was closed for good while serving.
+	errNATSClosed = errors.New("NATS connection closed for good")
+)
+
+// natsWaitProgress is how often the wait for NATS at start says it still waits.
+const natsWaitProgress = 10 * time.Second
+
+// connectNATS connects to natsURL (the embedded server when embedded is not
+// nil) and waits until it is connected, at most cfg.NATSConnectTimeout: a
+// worker started at the same moment as its NATS server, as compose and
+// systemd start them, waits for it instead of exiting. Once connected, the
+// connection reconnects forever after a network loss. connectNATS returns
+// the connection and a channel closed once the connection is closed for
+// good, or a nil connection and a nil error when ctx ended while waiting.
+func connectNATS(ctx context.Context, natsURL string, embedded *server.Server, cfg config, log zerolog.Logger) (*nats.Conn, <-chan struct{}, error) {
+	shown := redactURLs(natsURL)
+	var (
+		connected, closed       = make(chan struct{}), make(chan struct{})
+		connectOnce, closedOnce sync.Once
+		mu                      sync.Mutex
+		lastErr                 error // of the last failed connection attempt
+	)
+	last := func() string {
+		mu.Lock()
+		defer mu.Unlock()
+		if lastErr == nil {
+			return "none reported"
+		}
+		return lastErr.Error()
+	}
+	opts := []nats.Option{
+		nats.Name("isode-worker " + cfg.WorkerID),
+		// Its own inbox prefix, so a NATS permission can give applications
+		// _INBOX.> without letting them read the requests workers pull.
+		nats.CustomInboxPrefix("_ISODE_WORKER"),
+		nats.RetryOnFailedConnect(true),
+		nats.MaxReconnects(-1),
+		nats.ReconnectWait(250 * time.Millisecond),
+		nats.ConnectHandler(func(nc *nats.Conn) {
+			log.Info().Str("url", redactURLs(nc.ConnectedUrl())).Msg("connected to NATS")
+			connectOnce.Do(func() { close(connected) })
+		}),
+		nats.ClosedHandler(func(*nats.Conn) { closedOnce.Do(func() { close(closed) }) }),
+		nats.ReconnectErrHandler(func(_ *nats.Conn, err error) {
+			mu.Lock()
+			lastErr = err
+			mu.Unlock()
+		}),
+		// Asynchronous errors (permission violations, slow consumers, the
+		// -ERR before a close) go to the log, not to nats.go's bare stderr line.
+		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
+			ev := log.Warn().Err(err)
+			if sub != nil {
+				ev = ev.Str("subject", sub.Subject)
+			}
+			ev.Msg("NATS error")
+		}),
+		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+			log.Warn().Err(err).Msg("disconnected from NATS")
+		}),
+		nats.ReconnectHandler(func(nc *nats.Conn) {
+			log.Info().Str("url", redactURLs(nc.ConnectedUrl())).Msg("reconnected to NATS")
+		}),
+	}
+	if embedded != nil {
+		opts = append(opts, nats.InProcessServer(embedded))
+	}
+	nc, err := nats.Connect(natsURL, opts...)
+	if err != nil {
+		return nil, nil, fmt.Errorf("connect to NATS at %s: %w", shown, err)
+	}
+	if !nc.IsConnected() {
+		log.Info().Str("url", shown).Dur("timeout", cfg.NATSConnectTimeout).Msg("waiting for NATS at " + shown)
+	}
+	began := time.Now()
+	timeout := time.NewTimer(cfg.NATSConnectTimeout)
+	defer timeout.Stop()
+	progress := time.NewTicker(natsWaitProgress)
+	defer progress.Stop()
+	for {
+		select {
+		case <-connected:
+			return nc, closed, nil
+		case <-closed:
+			// Refused for good, e.g. the same authorization error twice.
+			cause := nc.LastError()
+			if cause == nil {
+				cause = errors.New(last())
+			}
+			return nil, nil, fmt.Errorf("connect to NATS at %s: %w", shown, cause)
+		case <-ctx.Done():
+			nc.Close()
+			log.Info().Str("url", shown).Msg("stopped while waiting for NATS")
+			return nil, nil, nil
+		case <-progress.C:
+			log.Info().Str("url", shown).Dur("waited", time.Since(began).Round(time.Second)).
+				Dur("timeout", cfg.NATSConnectTimeout).Str("last_error", last()).Msg("still waiting for NATS")
+		case <-timeout.C:
+			nc.Close()
+			return nil, nil, fmt.Errorf("%w at %s within %v (--nats-connect-timeout); last attempt: %s",
+				errNATSUnreachable, shown, cfg.NATSConnectTimeout, last())
+		}
+	}
+}
+
+// redactURLs returns a comma-separated list of NATS URLs fit to log or put
+// in an error: each password is replaced as net/url's Redacted does, and a
+// user name without a password, which NATS reads as a token, is replaced
+// whole. Everything log lines and errors of this package show of a NATS URL
+// goes through it.
+func redactURLs(list string) string {
+	parts := strings.Split(list, ",")
+	for i, p := range parts {
+		parts[i] = redactURL(strings.TrimSpace(p))
+	}
+	return strings.Join(parts, ",")
+}
+
+const redacted = "xxxxx" // as net/url's URL.Redacted writes a password
+
+func redactURL(s string) string {
+	if s == "" {
+		return s
+	}
+	u, schemeless, err := parseNATSURL(s)
+	if err != nil {
+		// Not a URL: show only what follows the last '@', the host.
+		at := strings.LastIndex(s, "@")
+		if at < 0 {
+			return s
+		}
+		scheme := ""
+		if i := strings.Index(s, "://"); i >= 0 && i < at {
+			scheme = s[:i+3]
+		}
+		return scheme + redacted + "@" + s[at+1:]
+	}
+	if u.User != nil {
+		if _, ok := u.User.Password(); !ok {
+			u.User = url.User(redacted) // a token
+		}
+	}
+	out := u.Redacted()
+	if schemeless {
+		out = strings.TrimPrefix(out, "nats://")
+	}
+	return out
+}
+
+// parseNATSURL parses one NATS URL as nats.go does: "host:port" without a
+// scheme is read as nats://host:port (schemeless reports that).
+func parseNATSURL(s string) (u *url.URL, schemeless bool, err error) {
+	if !strings.Contains(s, "://") {
+		s, schemeless = "nats://"+s, true
+	}
+	u, err = url.Parse(s)
+	return u, schemeless, err
 }
