@@ -38,6 +38,11 @@ type config struct {
 	MemberTTL time.Duration // fleet membership expiry
 	// NATSConnectTimeout bounds the wait for the NATS server at start.
 	NATSConnectTimeout time.Duration
+	// ReapInterval is how often the reaper looks for sandboxes nobody
+	// owns; OrphanGrace is how long another worker of the fleet must have
+	// been gone before its running sandboxes are removed.
+	ReapInterval time.Duration
+	OrphanGrace  time.Duration
 
 	Pool   pool.Config
 	Docker dockerx.Config
@@ -73,6 +78,8 @@ func defaultConfig() config {
 		cpus:      1,
 
 		NATSConnectTimeout: 60 * time.Second,
+		ReapInterval:       30 * time.Second,
+		OrphanGrace:        2 * time.Minute,
 		natsMaxControlLine: defaultMaxControlLine,
 	}
 }
@@ -202,6 +209,8 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 	}
 
 	fs.str(&c.NATSURL, "nats", "ISODE_NATS_URL", "NATS server URL(s), comma-separated; empty starts an embedded JetStream server")
+	fs.dur(&c.ReapInterval, "reap-interval", "ISODE_REAP_INTERVAL", "how often the reaper removes sandboxes nobody owns")
+	fs.dur(&c.OrphanGrace, "orphan-grace", "ISODE_ORPHAN_GRACE", "how long another worker of the fleet must have been gone before the reaper removes its running sandboxes")
 	fs.dur(&c.NATSConnectTimeout, "nats-connect-timeout", "ISODE_NATS_CONNECT_TIMEOUT", "at start, how long to wait for the NATS server before giving up")
 	fs.int(&c.natsMaxControlLine, "max-control-line", "ISODE_NATS_MAX_CONTROL_LINE", "the max_control_line of the NATS server the worker connects to; subjects the worker publishes to are checked against it (the embedded server is given it)")
 	fs.str(&c.Listen, "listen", "ISODE_LISTEN", "client address of the embedded NATS server")
@@ -262,6 +271,12 @@ func (c *config) finish() error {
 	if err := checkNATSURLs(c.NATSURL); err != nil {
 		return fmt.Errorf("%w: --nats: %v", errInvalidConfig, err)
 	}
+	if c.ReapInterval <= 0 || c.OrphanGrace <= 0 {
+		return fmt.Errorf("%w: --reap-interval %v and --orphan-grace %v must be positive", errInvalidConfig, c.ReapInterval, c.OrphanGrace)
+	}
+	if c.OrphanGrace < 2*c.MemberTTL {
+		return fmt.Errorf("%w: --orphan-grace %v must be at least twice --member-ttl %v: a live worker may go unlisted that long", errInvalidConfig, c.OrphanGrace, c.MemberTTL)
+	}
 	if c.NATSConnectTimeout <= 0 {
 		return fmt.Errorf("%w: --nats-connect-timeout %v must be positive", errInvalidConfig, c.NATSConnectTimeout)
 	}
@@ -300,7 +315,7 @@ func (c *config) finish() error {
 	c.Fleet.Shards = c.Shards
 	c.Fleet.Heartbeat = c.Heartbeat
 	c.Fleet.MemberTTL = c.MemberTTL
-	// TODO(fleet): c.Fleet.MaxControlLine = c.natsMaxControlLine
+	c.Fleet.MaxControlLine = c.natsMaxControlLine
 	if err := c.Pool.Validate(); err != nil {
 		return fmt.Errorf("%w: %w", errInvalidConfig, err)
 	}

@@ -64,6 +64,15 @@ func run(ctx, abort context.Context, args []string, stdout, stderr io.Writer) er
 	}
 	defer nc.Close()
 
+	// The fleet's identity labels every sandbox, so that the reaper only
+	// ever removes its own fleet's.
+	fctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	cfg.Docker.Fleet, err = fleet.FleetID(fctx, nc, cfg.Fleet)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("set up the request stream: %w", err)
+	}
+
 	// Docker and the pool.
 	rt, err := dockerx.New(ctx, cfg.Docker)
 	if err != nil {
@@ -115,6 +124,10 @@ func run(ctx, abort context.Context, args []string, stdout, stderr io.Writer) er
 	if err != nil {
 		return fmt.Errorf("start consuming: %w", err)
 	}
+	// Sandboxes nobody owns: this worker's leftovers, containers that never
+	// started, and running sandboxes of workers that left the fleet (a
+	// snippet can keep its agent alive past its worker's death).
+	rt.StartReaper(cfg.ReapInterval, cfg.OrphanGrace, w.Alive)
 	log.Info().
 		Int("shards", len(w.Owned())).Int("low", cfg.Pool.Low).Int("high", cfg.Pool.High).
 		Int("capacity", cfg.Fleet.Capacity).Str("image", cfg.Docker.Image).

@@ -1,0 +1,104 @@
+package main
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/docker/docker/api/types/container"
+	"github.com/docker/docker/api/types/filters"
+
+	isode "github.com/isode-run/isode/pkg/client"
+	"github.com/isode-run/isode/pkg/dockerx"
+	"github.com/isode-run/isode/pkg/protocol"
+)
+
+// holdStdinSnippet opens a write end of its agent's input pipe and keeps
+// it: the agent never sees end of input, so the sandbox outlives its
+// worker (see pkg/dockerx/reap_test.go, where it is explained).
+const holdStdinSnippet = `return function (cb) {
+  const fs = require('fs');
+  const byPipe = new Map();
+  for (const n of fs.readdirSync('/proc/self/fd')) {
+    let link, flags;
+    try {
+      link = fs.readlinkSync('/proc/self/fd/' + n);
+      flags = parseInt(/flags:\s*([0-7]+)/.exec(fs.readFileSync('/proc/self/fdinfo/' + n, 'latin1'))[1], 8);
+    } catch { continue; }
+    if (!link.startsWith('pipe:')) continue;
+    byPipe.set(link, (byPipe.get(link) || []).concat([{ n: Number(n), flags }]));
+  }
+  const input = [...byPipe.values()].filter((fds) => fds.length === 1 && (fds[0].flags & 3) === 0);
+  if (input.length !== 1) throw new Error('want one read-only pipe, found ' + JSON.stringify(input));
+  fs.openSync('/proc/self/fd/' + input[0][0].n, 'w');
+  cb(null, 'held');
+}`
+
+// TestReaperRemovesSandboxOfKilledWorker: a snippet keeps its sandbox
+// alive past its worker's SIGKILL (the stdin dead-man switch is defeated);
+// another worker of the fleet reaps it once the dead worker has been out
+// of the membership for --orphan-grace.
+func TestReaperRemovesSandboxOfKilledWorker(t *testing.T) {
+	f := newFleet(t)
+	args := []string{"--heartbeat", "250ms", "--member-ttl", "1s", "--reap-interval", "500ms", "--orphan-grace", "3s"}
+	victim, reaper := f.start("r1", args...), f.start("r2", args...)
+	victim.waitReady(t, 90*time.Second)
+	reaper.waitReady(t, 90*time.Second)
+	owners := f.steady([]string{victim.id, reaper.id}, 60*time.Second)
+	key := ""
+	for _, k := range fleetTenants(f.name+"-held", 200) {
+		if owners[protocol.Shard(k, protocol.DefaultShards)] == victim.id {
+			key = k
+			break
+		}
+	}
+	if key == "" {
+		t.Fatal("no tenant on the victim's shards")
+	}
+	c, err := isode.New(f.nats.connect("app"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	res, err := c.Run(ctx, key, holdStdinSnippet)
+	if err != nil || string(res.Value) != `"held"` || res.Worker != victim.id {
+		t.Fatalf("hold stdin: %v %+v", err, res)
+	}
+	held := func() []container.Summary {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		list, err := f.cli.ContainerList(ctx, container.ListOptions{Filters: filters.NewArgs(
+			filters.Arg("label", dockerx.LabelWorker+"="+victim.id), filters.Arg("label", dockerx.LabelTenant+"="+key))})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return list
+	}
+	if n := len(held()); n != 1 {
+		t.Fatalf("%d running sandboxes of the held tenant, want 1", n)
+	}
+
+	victim.kill(t)
+	killed := time.Now()
+	// The weakness: the dead-man switch alone would have ended it by now
+	// (a sandbox whose stdin closes exits within about a second).
+	time.Sleep(2 * time.Second) // observing, not synchronising
+	if n := len(held()); n != 1 {
+		t.Fatalf("the held sandbox is gone 2s after the kill (%d running): the test no longer shows the weakness", n)
+	}
+	// The fix: gone within member TTL + grace + two passes, with room.
+	bound := time.Second + 3*time.Second + 2*500*time.Millisecond + 10*time.Second
+	for len(held()) > 0 {
+		if time.Since(killed) > bound {
+			t.Fatalf("the held sandbox still runs %v after its worker was killed", time.Since(killed).Round(time.Second))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Logf("held sandbox reaped %v after its worker's SIGKILL", time.Since(killed).Round(100*time.Millisecond))
+	if !strings.Contains(reaper.log(), "reaped container") {
+		t.Errorf("the reaper did not log the removal:\n%s", reaper.tail(20))
+	}
+}
