@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -30,24 +29,6 @@ func randomHex(n int) string {
 	b := make([]byte, n)
 	rand.Read(b)
 	return hex.EncodeToString(b)
-}
-
-// syncBuffer collects a worker's log.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 // e2e is one test's NATS server, Docker engine and client.
@@ -92,7 +73,7 @@ type worker struct {
 	stop   context.CancelFunc
 	abort  context.CancelFunc
 	done   chan error
-	log    *syncBuffer
+	log    *testenv.SyncBuffer
 	exited bool
 }
 
@@ -102,7 +83,7 @@ func (e *e2e) start(args ...string) *worker {
 	id := "e2e-" + randomHex(4)
 	ctx, stop := context.WithCancel(context.Background())
 	abort, kill := context.WithCancel(context.Background())
-	w := &worker{id: id, stop: stop, abort: kill, done: make(chan error, 1), log: &syncBuffer{}}
+	w := &worker{id: id, stop: stop, abort: kill, done: make(chan error, 1), log: &testenv.SyncBuffer{}}
 	all := append([]string{"--nats", e.url, "--id", id, "--image", e.image, "--log-format", "json", "--log-level", "debug",
 		"--low", "1", "--high", "6", "--grace", "10s"}, args...)
 	go func() { w.done <- run(ctx, abort, all, w.log, w.log) }()

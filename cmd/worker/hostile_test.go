@@ -912,8 +912,8 @@ func (h *hostile) killedWorker(t *testing.T, bin string) outcome {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	start := func() (*exec.Cmd, *syncBuffer) {
-		log := &syncBuffer{}
+	start := func() (*exec.Cmd, *testenv.SyncBuffer) {
+		log := &testenv.SyncBuffer{}
 		cmd := exec.Command(bin, "--nats", h.e.url, "--prefix", prefix, "--id", id, "--image", h.e.image, "--log-format", "json",
 			"--low", "1", "--high", "3", "--ack-wait", "1s", "--grace", "2s")
 		cmd.Stdout, cmd.Stderr = log, log

@@ -300,12 +300,12 @@ func TestLifeStartedBeforeNATS(t *testing.T) {
 //
 // The server's max_control_line is 512 while the worker is told 4096, a
 // misconfiguration its own subject check cannot catch. The trigger is a
-// run request whose reply subject (header Isode-Reply-To) is 600 bytes:
-// the request is published with a short control line, and the worker's
-// reply to that subject has a long one. (A core request to isode.stats with
-// a long reply subject does not work: the requester's own PUB line carries
-// the same subject, so the server closes the requester's connection and
-// the request never reaches the worker.)
+// run request whose reply subject (header Isode-Reply-To) is 510 bytes,
+// within the protocol's 512: the request is published with a short control
+// line, and the worker's reply to that subject has a line over 512. (A
+// core request to isode.stats with a long reply subject does not work: the
+// requester's own PUB line carries the same subject, so the server closes
+// the requester's connection and the request never reaches the worker.)
 func TestLifeClosedForGoodExitsNonZero(t *testing.T) {
 	if testing.Short() {
 		t.Skip("process-level test")
@@ -337,7 +337,7 @@ func TestLifeClosedForGoodExitsNonZero(t *testing.T) {
 		t.Fatalf("worker %s has %d containers after one tenant's run, want 1", p.id, n)
 	}
 
-	replyTo := "_INBOX.life." + strings.Repeat("x", 600)
+	replyTo := "_INBOX.life." + strings.Repeat("x", 498) // 510 bytes
 	key := "life-long-reply"
 	body, _ := json.Marshal(protocol.Request{V: protocol.Version, IsolateKey: key, Code: `return function (cb) { cb(null, 1) }`})
 	m := nats.NewMsg(protocol.RunSubject(protocol.DefaultPrefix, protocol.Shard(key, protocol.DefaultShards)))

@@ -74,7 +74,7 @@ func TestLifeEmbeddedWarnsBeyondLoopback(t *testing.T) {
 		{host: "", warn: true},
 	} {
 		t.Run(fmt.Sprintf("%q", tt.host), func(t *testing.T) {
-			var buf syncBuffer
+			var buf testenv.SyncBuffer
 			log := zerolog.New(&buf)
 			listen := fmt.Sprintf("%s:%d", tt.host, testenv.FreePort(t))
 			s, err := startEmbedded(listen, filepath.Join(t.TempDir(), "nats"), 2048, log)

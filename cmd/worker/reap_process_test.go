@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"strings"
 	"testing"
 	"time"
@@ -9,31 +10,11 @@ import (
 	"github.com/docker/docker/api/types/container"
 	"github.com/docker/docker/api/types/filters"
 
+	"github.com/isode-run/isode/internal/testenv"
 	isode "github.com/isode-run/isode/pkg/client"
 	"github.com/isode-run/isode/pkg/dockerx"
 	"github.com/isode-run/isode/pkg/protocol"
 )
-
-// holdStdinSnippet opens a write end of its agent's input pipe and keeps
-// it: the agent never sees end of input, so the sandbox outlives its
-// worker (see pkg/dockerx/reap_test.go, where it is explained).
-const holdStdinSnippet = `return function (cb) {
-  const fs = require('fs');
-  const byPipe = new Map();
-  for (const n of fs.readdirSync('/proc/self/fd')) {
-    let link, flags;
-    try {
-      link = fs.readlinkSync('/proc/self/fd/' + n);
-      flags = parseInt(/flags:\s*([0-7]+)/.exec(fs.readFileSync('/proc/self/fdinfo/' + n, 'latin1'))[1], 8);
-    } catch { continue; }
-    if (!link.startsWith('pipe:')) continue;
-    byPipe.set(link, (byPipe.get(link) || []).concat([{ n: Number(n), flags }]));
-  }
-  const input = [...byPipe.values()].filter((fds) => fds.length === 1 && (fds[0].flags & 3) === 0);
-  if (input.length !== 1) throw new Error('want one read-only pipe, found ' + JSON.stringify(input));
-  fs.openSync('/proc/self/fd/' + input[0][0].n, 'w');
-  cb(null, 'held');
-}`
 
 // TestReaperRemovesSandboxOfKilledWorker: a snippet keeps its sandbox
 // alive past its worker's SIGKILL (the stdin dead-man switch is defeated);
@@ -63,15 +44,24 @@ func TestReaperRemovesSandboxOfKilledWorker(t *testing.T) {
 	defer c.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	res, err := c.Run(ctx, key, holdStdinSnippet)
+	res, err := c.Run(ctx, key, testenv.HoldStdin)
 	if err != nil || string(res.Value) != `"held"` || res.Worker != victim.id {
 		t.Fatalf("hold stdin: %v %+v", err, res)
 	}
+	res, err = c.Run(ctx, key, "return function (cb) { cb(null, require('os').hostname()); }")
+	if err != nil || res.Worker != victim.id {
+		t.Fatalf("host name: %v %+v", err, res)
+	}
+	var short string
+	if err := json.Unmarshal(res.Value, &short); err != nil || short == "" {
+		t.Fatalf("host name %s: %v", res.Value, err)
+	}
+	// The held sandbox, running: its host name is its id's first 12 digits.
 	held := func() []container.Summary {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		list, err := f.cli.ContainerList(ctx, container.ListOptions{Filters: filters.NewArgs(
-			filters.Arg("label", dockerx.LabelWorker+"="+victim.id), filters.Arg("label", dockerx.LabelTenant+"="+key))})
+			filters.Arg("label", dockerx.LabelWorker+"="+victim.id), filters.Arg("id", short))})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -18,6 +18,7 @@ import (
 // until the victim run has written /tmp/victim, then writes ctx.data.frame
 // with its 4-byte big-endian length.
 const forgeCode = `return function (ctx, cb) {
+	` + testenv.PipesJS + `
 	const fs = require("fs");
 	fs.writeSync(2, "forger running\n");
 	const until = Date.now() + 30000;
@@ -26,22 +27,10 @@ const forgeCode = `return function (ctx, cb) {
 			if (Date.now() < until) return setTimeout(wait, 10);
 			return cb(null, "the victim never ran");
 		}
-		const pipes = {};
-		for (const fd of fs.readdirSync("/proc/self/fd")) {
-			let l; try { l = fs.readlinkSync("/proc/self/fd/" + fd) } catch { continue }
-			if (l.startsWith("pipe:") && fd !== "2") (pipes[l] = pipes[l] || []).push(Number(fd));
-		}
-		const out = [];
-		for (const fds of Object.values(pipes)) {
-			if (fds.length !== 1) continue;
-			const flags = parseInt(fs.readFileSync("/proc/self/fdinfo/" + fds[0], "utf8").match(/flags:\s*(\d+)/)[1], 8);
-			if ((flags & 3) === 1) out.push(fds[0]);
-		}
-		if (out.length !== 1) return cb(null, "no single protocol pipe: " + JSON.stringify(pipes));
 		const body = Buffer.from(ctx.data.frame, "utf8");
 		const head = Buffer.alloc(4);
 		head.writeUInt32BE(body.length);
-		fs.writeSync(out[0], Buffer.concat([head, body]));
+		fs.writeSync(pipes().out, Buffer.concat([head, body]));
 		setTimeout(() => cb(null, "frame written, sandbox still up"), 10000);
 	})();
 }`

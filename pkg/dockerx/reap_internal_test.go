@@ -1,11 +1,9 @@
 package dockerx
 
 import (
-	"bytes"
 	"context"
 	"log/slog"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -107,30 +105,12 @@ func TestCreatedBeforeIsConservative(t *testing.T) {
 	}
 }
 
-// syncBuffer is a log sink for tests.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // TestReaperOutlivesFailedPassesAndStopsOnClose runs the reaper against an
 // engine that is not there: every pass fails, is logged and is retried;
 // Close stops it; later calls start nothing.
 func TestReaperOutlivesFailedPassesAndStopsOnClose(t *testing.T) {
 	r := endRuntime(t)
-	var logs syncBuffer
+	var logs testenv.SyncBuffer
 	r.log = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	r.cfg.Fleet = "f"
 	failed := func() int { return strings.Count(logs.String(), "reaper pass failed") }

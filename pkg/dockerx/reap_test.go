@@ -2,7 +2,6 @@ package dockerx_test
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"fmt"
 	"log/slog"
@@ -34,27 +33,9 @@ const (
 	reapBound = reapGrace + 30*time.Second
 )
 
-// syncBuffer collects a Runtime's log for assertions.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // reaperEnv is a Runtime of fleet whose log goes to the returned buffer.
-func reaperEnv(t *testing.T, fleet string) (*env, *syncBuffer) {
-	logs := &syncBuffer{}
+func reaperEnv(t *testing.T, fleet string) (*env, *testenv.SyncBuffer) {
+	logs := &testenv.SyncBuffer{}
 	e := newEnv(t, func(c *dockerx.Config) {
 		c.Fleet = fleet
 		c.Logger = slog.New(slog.NewTextHandler(logs, nil))
@@ -132,7 +113,7 @@ func waitGone(t *testing.T, cli *client.Client, id, what string, d time.Duration
 }
 
 // reapedLine returns the reaper's log line about container id.
-func reapedLine(logs *syncBuffer, id string) string {
+func reapedLine(logs *testenv.SyncBuffer, id string) string {
 	for _, l := range strings.Split(logs.String(), "\n") {
 		if strings.Contains(l, `msg="reaped container"`) && strings.Contains(l, "container="+id) {
 			return l
@@ -223,31 +204,6 @@ func TestReaperRemovesDeadWorkersContainers(t *testing.T) {
 }
 
 const holdEnv = "ISODE_TEST_HOLD_STDIN" // fleet/worker of the helper process
-
-// holdStdin is a snippet that opens a write end of the agent's input pipe
-// and keeps it open, so that the agent never sees end of input. The pipe is
-// the only one the process holds by a single read-only descriptor (the
-// agent reopened it through /proc/self/fd/0; its output and stderr are
-// write-only, libuv's own pipes come in pairs). The container's stdin pipe
-// belongs to the sandbox user (Docker gives it the container's user), so
-// opening /proc/self/fd/N for writing needs no privilege.
-const holdStdin = `return function (cb) {
-  const fs = require('fs');
-  const byPipe = new Map();
-  for (const n of fs.readdirSync('/proc/self/fd')) {
-    let link, flags;
-    try {
-      link = fs.readlinkSync('/proc/self/fd/' + n);
-      flags = parseInt(/flags:\s*([0-7]+)/.exec(fs.readFileSync('/proc/self/fdinfo/' + n, 'latin1'))[1], 8);
-    } catch { continue; }
-    if (!link.startsWith('pipe:')) continue;
-    byPipe.set(link, (byPipe.get(link) || []).concat([{ n: Number(n), flags }]));
-  }
-  const input = [...byPipe.values()].filter((fds) => fds.length === 1 && (fds[0].flags & 3) === 0);
-  if (input.length !== 1) throw new Error('want one read-only pipe, found ' + JSON.stringify(input));
-  const held = fs.openSync('/proc/self/fd/' + input[0][0].n, 'w');
-  cb(null, 'fd ' + input[0][0].n + ' held open for writing as fd ' + held);
-}`
 
 // TestReaperRemovesSandboxThatOutlivesItsWorker shows the weakness of the
 // stdin dead-man switch and its remedy. A worker process (runtime A, a
@@ -353,7 +309,7 @@ func holdHelper(t *testing.T, v string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	what := mustRun(t, held, holdStdin, "")
+	what := mustRun(t, held, testenv.HoldStdin, "")
 	fmt.Printf("held %s %s\ncontrol %s\n", held.ID(), what, control.ID())
 	select { // until killed; should a sandbox end, the test fails on its own
 	case <-held.Done():

@@ -176,7 +176,11 @@ func (r *Runtime) Create(ctx context.Context, tenant string) (*Sandbox, error) {
 
 func (r *Runtime) create(ctx context.Context, name, tenant string) (_ *Sandbox, err error) {
 	cfg, host := containerSpec(&r.cfg, tenant)
-	cctx, cancel := r.callCtx(ctx)
+	// Not cancelled with ctx, only bounded: a create cancelled half-way
+	// (the pool closing) can still be completed by the engine after our
+	// remove by name found nothing, leaving a container nobody tracks.
+	// Once created, the steps below fail on ctx and remove it by id.
+	cctx, cancel := r.callCtx(context.WithoutCancel(ctx))
 	resp, err := r.cli.ContainerCreate(cctx, cfg, host, nil, nil, name)
 	cancel()
 	if err != nil {
