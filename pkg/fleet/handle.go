@@ -208,6 +208,9 @@ func (w *Worker) encodeReply(id string, runErr error, res *protocol.Result, runT
 	return hdr, data
 }
 
+// replyHeader returns a reply's headers, already clean (see headerValue):
+// a cached reply's headers are published again, concurrently, and must
+// not need changing.
 func replyHeader(id string, e *protocol.Error) nats.Header {
 	hdr := nats.Header{}
 	if id != "" {
@@ -215,7 +218,7 @@ func replyHeader(id string, e *protocol.Error) nats.Header {
 	}
 	if e != nil {
 		hdr.Set(protocol.HeaderErrorCode, string(e.Code))
-		hdr.Set(protocol.HeaderServiceError, e.Message)
+		hdr.Set(protocol.HeaderServiceError, headerValue(e.Message))
 		hdr.Set(protocol.HeaderServiceErrorCode, e.Code.StatusString())
 	}
 	return hdr

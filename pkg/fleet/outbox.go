@@ -62,7 +62,9 @@ func (o *outbox) check(m *nats.Msg) error {
 				return fmt.Errorf("%w: header name %q", ErrUnpublishable, truncate(k, 64))
 			}
 			for i, v := range vs {
-				vs[i] = headerValue(v)
+				if clean := headerValue(v); clean != v {
+					vs[i] = clean // only ever a message built for this publish
+				}
 				hdr += len(k) + len(": ") + len(vs[i]) + len("\r\n")
 			}
 		}
