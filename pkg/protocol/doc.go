@@ -18,6 +18,12 @@
 //     HeaderDeadline (Unix milliseconds after which the result is useless).
 //     The publish's own reply subject receives the stream's PubAck; an error
 //     in it (for example a full stream) means the request was not accepted.
+//     A PubAck with "duplicate": true means a request with this id was
+//     accepted earlier within the stream's duplicate window: this copy was
+//     not queued and no Reply will come to this inbox (report
+//     CodeDuplicateRequest). Header values are checked by ValidateReplyTo,
+//     ValidateRequestID and ParseDeadline; a request whose HeaderReplyTo
+//     fails is never answered (it is copied to DeadSubject).
 //  3. Wait on the inbox for one Reply. Either Result is set or Error is,
 //     never both. Error replies also carry the nats.go micro headers
 //     HeaderServiceError and HeaderServiceErrorCode.
@@ -33,4 +39,10 @@
 // that was not listening (its connection was re-established after a NATS
 // restart) loses a reply unless it asked for confirmed replies with
 // HeaderReplyAck, as github.com/isode-run/isode/pkg/client does.
+//
+// A request's life is bounded by the workers: whatever HeaderDeadline asks,
+// one that has not started within the workers' maximum queue wait of the
+// stream storing it is answered CodeQueueTimeout. A request whose
+// deliveries keep ending without an answer (a worker died running it) is
+// answered CodeDeadLettered and copied to DeadSubject.
 package protocol
