@@ -78,7 +78,7 @@ func (w *Worker) startService() (micro.Service, error) {
 	svc, err := micro.AddService(w.nc, micro.Config{
 		Name:        name,
 		Version:     serviceVersion(),
-		Description: "isode: runs JavaScript snippets in per-tenant sandboxes; send a protocol.Request JSON to " + protocol.CallSubject(w.cfg.Prefix),
+		Description: "JavaScript in per-tenant sandboxes: nats req " + protocol.CallSubject(w.cfg.Prefix) + " <request JSON>",
 		Metadata: map[string]string{
 			"worker":   w.cfg.WorkerID,
 			"protocol": strconv.Itoa(protocol.Version),
@@ -94,7 +94,8 @@ func (w *Worker) startService() (micro.Service, error) {
 		micro.WithEndpointSubject(protocol.CallSubject(w.cfg.Prefix)),
 		micro.WithEndpointQueueGroup(name),
 		micro.WithEndpointMetadata(map[string]string{
-			"format": "body: the JSON request of pkg/protocol (Request); reply: its Reply JSON, errors also in Nats-Service-Error(-Code) headers",
+			"body":  "protocol.Request JSON",
+			"reply": "protocol.Reply JSON",
 		}))
 	if err != nil {
 		svc.Stop()
