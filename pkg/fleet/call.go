@@ -114,7 +114,7 @@ func (w *Worker) queueCall(r *protocol.Request, body []byte, replyTo string, dea
 	// No Isode-Reply-Ack: a plain caller does not confirm replies.
 
 	ctx, cancel := context.WithTimeout(context.Background(), callAckTimeout)
-	ack, err := w.js.PublishMsg(ctx, m)
+	ack, err := w.js.PublishMsg(ctx, m, jetstream.WithExpectStream(protocol.StreamName(w.cfg.Prefix)))
 	cancel()
 	w.calls.accept(time.Since(taken))
 	switch {
