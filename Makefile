@@ -25,8 +25,17 @@ demo: build sandbox-image
 vet:
 	$(GO) vet ./...
 
-test: sandbox-image vet static-cache
+test: sandbox-image vet static-cache nats-cli
 	$(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) ./...
+
+# The official nats CLI, for the test that calls the fleet as a new user
+# would (pkg/fleet/cli_test.go finds it on PATH or in $(go env GOPATH)/bin,
+# and fails without it when CI is set). Built from the module proxy.
+NATS_CLI_VERSION ?= v0.5.0
+.PHONY: nats-cli
+nats-cli:
+	@command -v nats >/dev/null 2>&1 || test -x "$$($(GO) env GOPATH)/bin/nats" || \
+		GOBIN="$$($(GO) env GOPATH)/bin" $(GO) install github.com/nats-io/natscli/nats@$(NATS_CLI_VERSION)
 
 # Fuzzes every decoder of input from outside for FUZZTIME each (go test
 # takes one package and one target per -fuzz run). CI runs it after make test.

@@ -248,6 +248,7 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 	fs.dur(&c.Fleet.AckWait, "ack-wait", "ISODE_ACK_WAIT", "redelivery delay of a request whose worker went silent")
 	fs.dur(&c.Fleet.MaxQueueWait, "max-queue-wait", "ISODE_MAX_QUEUE_WAIT", "longest a request waits (stream and pool) before it runs, whatever deadline it asks for")
 	fs.int(&c.Fleet.MaxFailures, "max-failures", "ISODE_MAX_FAILURES", "deliveries of one request that may end without an answer (worker died, reply unpublishable) before it is dead-lettered")
+	fs.int(&c.Fleet.MaxPendingCalls, "max-pending-calls", "ISODE_MAX_PENDING_CALLS", "plain calls (isode.call) this worker may have on their way to the stream; more are answered overloaded")
 	fs.int64(&c.Fleet.StreamMaxMsgs, "stream-max-msgs", "ISODE_STREAM_MAX_MSGS", "requests the stream holds before it rejects new ones as overloaded")
 	fs.boolean(&c.Fleet.StreamMemory, "stream-memory", "ISODE_STREAM_MEMORY", "keep the request stream in memory: faster, but a restart of a single NATS server loses the requests waiting in it")
 	fs.int(&c.Fleet.StreamReplicas, "stream-replicas", "ISODE_STREAM_REPLICAS", "replicas of the request stream (clustered NATS)")

@@ -31,6 +31,11 @@ func TestParseConfig(t *testing.T) {
 				t.Errorf("NATS defaults: connect timeout %v, max control line %d", c.NATSConnectTimeout, c.natsMaxControlLine)
 			}
 		}},
+		{name: "max pending calls", args: []string{"--max-pending-calls", "7"}, check: func(t *testing.T, c config) {
+			if c.Fleet.MaxPendingCalls != 7 {
+				t.Errorf("max pending calls %d", c.Fleet.MaxPendingCalls)
+			}
+		}},
 		{name: "NATS settings from the environment", env: map[string]string{"ISODE_NATS_CONNECT_TIMEOUT": "5m", "ISODE_NATS_MAX_CONTROL_LINE": "8192"},
 			check: func(t *testing.T, c config) {
 				if c.NATSConnectTimeout != 5*time.Minute || c.natsMaxControlLine != 8192 {

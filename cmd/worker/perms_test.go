@@ -65,6 +65,18 @@ func TestNATSPermissions(t *testing.T) {
 	if err := json.Unmarshal(m.Data, &st); err != nil || st.Worker != w.id {
 		t.Fatalf("stats as the ops user: %s (%v)", m.Data, err)
 	}
+	// Operators discover the workers as a micro service.
+	m, err = ops.Request("$SRV.PING.isode", nil, 10*time.Second)
+	if err != nil || !strings.Contains(string(m.Data), `"name":"isode"`) {
+		t.Fatalf("$SRV.PING.isode as the ops user: %v %v", m, err)
+	}
+	// The application calls the plain request/reply door.
+	m, err = app.Request(protocol.CallSubject(protocol.DefaultPrefix),
+		[]byte(`{"v":1,"isolate_key":"tenant1","code":"return function (cb) { cb(null, 6 * 7); }"}`), 30*time.Second)
+	var rep protocol.Reply
+	if err != nil || json.Unmarshal(m.Data, &rep) != nil || string(rep.Result) != "42" {
+		t.Fatalf("isode.call as the app user: %v %v", m, err)
+	}
 	js, err := jetstream.New(ops)
 	if err != nil {
 		t.Fatal(err)
@@ -100,7 +112,9 @@ func TestNATSPermissions(t *testing.T) {
 		{"app answers a request", app, appErrs, "_INBOX.someone", pub(app, "_INBOX.someone")},
 		{"ops submits a request", ops, opsErrs, "isode.run.1", pub(ops, "isode.run.1")},
 		{"ops deletes the stream", ops, opsErrs, "$JS.API.STREAM.DELETE.ISODE", pub(ops, "$JS.API.STREAM.DELETE.ISODE")},
-		{"worker submits a request", worker, workerErrs, "isode.run.1", pub(worker, "isode.run.1")},
+		{"app sends discovery requests", app, appErrs, "$SRV.INFO.isode", pub(app, "$SRV.INFO.isode")},
+		{"app takes calls", app, appErrs, "isode.call", sub(app, "isode.call")},
+		{"ops calls", ops, opsErrs, "isode.call", pub(ops, "isode.call")},
 		{"worker deletes the stream", worker, workerErrs, "$JS.API.STREAM.DELETE.ISODE", pub(worker, "$JS.API.STREAM.DELETE.ISODE")},
 		{"worker reads the applications' inboxes", worker, workerErrs, "_INBOX.>", sub(worker, "_INBOX.>")},
 		{"worker publishes into the system account", worker, workerErrs, "$SYS.REQ.SERVER.PING", pub(worker, "$SYS.REQ.SERVER.PING")},

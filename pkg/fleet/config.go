@@ -98,6 +98,10 @@ type Config struct {
 	// the stream to be answered again. At most half of AckWait; zero (the
 	// default) means 2s or half of AckWait, whichever is shorter.
 	ReplyAckWait time.Duration
+	// MaxPendingCalls bounds the plain calls (protocol.CallSubject) this
+	// worker has taken and not yet seen stored by the stream; a call over
+	// it is answered overloaded at once.
+	MaxPendingCalls int
 
 	Logger zerolog.Logger
 }
@@ -126,6 +130,7 @@ func DefaultConfig() Config {
 		RetryDelay:      250 * time.Millisecond,
 		Heartbeat:       500 * time.Millisecond,
 		MemberTTL:       2 * time.Second,
+		MaxPendingCalls: 1024,
 		Logger:          zerolog.Nop(),
 	}
 }
@@ -174,6 +179,8 @@ func (c *Config) Validate() error {
 		return bad("max failures", "%d is not in [1, 100]", c.MaxFailures)
 	case c.MaxQueueWait < time.Second || c.MaxQueueWait > 24*time.Hour:
 		return bad("max queue wait", "%v is not in [1s, 24h]", c.MaxQueueWait)
+	case c.MaxPendingCalls < 1:
+		return bad("max pending calls", "%d must be at least 1", c.MaxPendingCalls)
 	case c.MaxControlLine < 512 || c.MaxControlLine > 1<<20:
 		return bad("max control line", "%d is not in [512, 1048576]", c.MaxControlLine)
 	}

@@ -18,6 +18,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nats.go/micro"
 	"github.com/rs/zerolog"
 
 	"github.com/isode-run/isode/pkg/protocol"
@@ -75,6 +76,14 @@ type Worker struct {
 	stopped  bool
 	statsSub *nats.Subscription
 	inflight map[string]chan struct{} // request id -> closed when answered
+	svc      micro.Service            // the micro service; nil once stopped
+
+	// the plain request/reply door (call.go)
+	calls       callCounters
+	callSlots   chan struct{} // a slot per call on its way to the stream
+	callMu      sync.Mutex
+	callsClosed bool
+	callers     sync.WaitGroup
 }
 
 // New returns a Worker; nothing happens on NATS until Start.
@@ -90,20 +99,21 @@ func New(nc *nats.Conn, run Runner, stats StatsFunc, cfg Config) (*Worker, error
 		stats = func() protocol.PoolStats { return protocol.PoolStats{} }
 	}
 	w := &Worker{
-		cfg:      cfg,
-		nc:       nc,
-		js:       js,
-		run:      run,
-		stats:    stats,
-		log:      cfg.Logger,
-		start:    time.Now(),
-		gate:     newGate(cfg.Capacity),
-		cache:    newReplyCache(cfg.ReplyCacheTTL, cfg.ReplyCacheBytes),
-		confirm:  newConfirmations(cfg.replyAckWait()),
-		out:      &outbox{nc: nc, maxControlLine: cfg.MaxControlLine},
-		shards:   make(map[int]*shardLoop),
-		inflight: make(map[string]chan struct{}),
-		progress: make(map[*tracked]struct{}),
+		cfg:       cfg,
+		nc:        nc,
+		js:        js,
+		run:       run,
+		stats:     stats,
+		log:       cfg.Logger,
+		start:     time.Now(),
+		gate:      newGate(cfg.Capacity),
+		cache:     newReplyCache(cfg.ReplyCacheTTL, cfg.ReplyCacheBytes),
+		confirm:   newConfirmations(cfg.replyAckWait()),
+		out:       &outbox{nc: nc, maxControlLine: cfg.MaxControlLine},
+		shards:    make(map[int]*shardLoop),
+		inflight:  make(map[string]chan struct{}),
+		progress:  make(map[*tracked]struct{}),
+		callSlots: make(chan struct{}, cfg.MaxPendingCalls),
 	}
 	w.runCtx, w.runCancel = context.WithCancel(context.Background())
 	w.bgCancel = func() {}
@@ -134,13 +144,21 @@ func (w *Worker) Start(ctx context.Context) error {
 		w.confirm.unsubscribe()
 		return fmt.Errorf("subscribe to stats: %w", err)
 	}
+	svc, err := w.startService()
+	if err != nil {
+		sub.Unsubscribe()
+		w.confirm.unsubscribe()
+		return fmt.Errorf("start the micro service: %w", err)
+	}
 	w.mu.Lock()
 	if w.stopped || w.memberDone != nil {
 		w.mu.Unlock()
+		svc.Stop()
 		sub.Unsubscribe()
 		w.confirm.unsubscribe()
 		return ErrStopped
 	}
+	w.svc = svc
 	w.stream = s
 	w.ledger = led
 	w.statsSub = sub
@@ -222,11 +240,14 @@ func (w *Worker) Owned() []int {
 // InFlight returns the number of requests this worker holds.
 func (w *Worker) InFlight() int { return w.gate.count() }
 
-// StopPulling stops taking new requests: the worker leaves the fleet (its
-// members key is deleted, so others take its shards at once), every shard
-// loop ends and no further pull is sent. Requests already taken keep
-// running. It returns once the loops have ended.
+// StopPulling stops taking new requests: the micro service stops (no
+// call is taken; calls already taken are put on the stream or refused),
+// the worker leaves the fleet (its members key is deleted, so others take
+// its shards at once), every shard loop ends and no further pull is sent.
+// Requests already taken keep running. It returns once the loops have
+// ended.
 func (w *Worker) StopPulling() {
+	w.stopService()
 	w.mu.Lock()
 	cancel, done, kv := w.memberCancel, w.memberDone, w.memberKV
 	w.mu.Unlock()
@@ -303,14 +324,7 @@ func (w *Worker) answerStats(m *nats.Msg) {
 		w.log.Debug().Err(err).Msg("stats request without a usable reply subject")
 		return
 	}
-	st := protocol.WorkerStats{
-		V:        protocol.Version,
-		Worker:   w.cfg.WorkerID,
-		Started:  w.start,
-		Shards:   w.Owned(),
-		InFlight: w.gate.count(),
-		Pool:     w.stats(),
-	}
+	st := w.workerStats()
 	data, err := json.Marshal(&st)
 	if err != nil {
 		w.log.Error().Err(err).Msg("encode stats")
@@ -318,5 +332,17 @@ func (w *Worker) answerStats(m *nats.Msg) {
 	}
 	if err := w.out.publish(&nats.Msg{Subject: m.Reply, Data: data}); err != nil {
 		w.log.Debug().Err(err).Msg("answer stats")
+	}
+}
+
+// workerStats returns what the stats subject answers.
+func (w *Worker) workerStats() protocol.WorkerStats {
+	return protocol.WorkerStats{
+		V:        protocol.Version,
+		Worker:   w.cfg.WorkerID,
+		Started:  w.start,
+		Shards:   w.Owned(),
+		InFlight: w.gate.count(),
+		Pool:     w.stats(),
 	}
 }

@@ -194,3 +194,14 @@ func TestReplyJSON(t *testing.T) {
 		t.Error("a reply with neither result nor error validated")
 	}
 }
+
+func TestCallSubjectAndServiceName(t *testing.T) {
+	if s := protocol.CallSubject("isode"); s != "isode.call" {
+		t.Errorf("CallSubject = %q", s)
+	}
+	for give, want := range map[string]string{"isode": "isode", "a.b": "a_b", "x-y_Z9": "x-y_Z9", "é*": "__"} {
+		if got := protocol.ServiceName(give); got != want {
+			t.Errorf("ServiceName(%q) = %q, want %q", give, got, want)
+		}
+	}
+}

@@ -1,0 +1,187 @@
+package fleet
+
+import (
+	"context"
+	"errors"
+	"strconv"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nats.go/micro"
+
+	"github.com/isode-run/isode/pkg/protocol"
+)
+
+// callAckTimeout bounds the wait for the stream's acknowledgement of a
+// call put on the stream; past it the caller is told overloaded.
+const callAckTimeout = 5 * time.Second
+
+// callTTLSlack is how long past its deadline a call's request may stay in
+// the stream (Nats-TTL), as pkg/client allows.
+const callTTLSlack = 5 * time.Second
+
+// call takes one plain request on protocol.CallSubject. It runs on the
+// endpoint's subscription goroutine, so it never waits: it checks the
+// call at the boundary, answers what is wrong at once, and hands the
+// publish to the stream to a goroutine (at most MaxPendingCalls of them).
+//
+// The request then takes the stream's path like any other (shard,
+// backpressure, at-least-once, fairness, the reply cache), and whichever
+// worker runs it answers on the call's reply subject. The window this door
+// adds: a worker that dies after taking a call and before the stream
+// stored it loses the call; its caller sees a timeout, and may retry.
+//
+// Applications as NATS accounts: the fleet account will export this
+// subject as a service and each application account import it, the import
+// mapping it to CallSubject + "." + <application>. The application then
+// comes from the subject a call arrives on (req.Subject()), a token the
+// caller cannot forge; today there is one application and the subject has
+// no such token.
+func (w *Worker) call(req micro.Request) {
+	taken := time.Now()
+	c := &w.calls
+	c.calls.Add(1)
+	replyTo := req.Reply()
+	if replyTo == "" {
+		// Nobody to tell: a publish, not a request.
+		c.dropped.Add(1)
+		w.log.Debug().Str("subject", req.Subject()).Msg("call without a reply subject: dropped")
+		return
+	}
+	if err := w.checkReplyTo(replyTo); err != nil {
+		// Not a subject the worker may publish to: nobody can be told.
+		c.dropped.Add(1)
+		w.log.Debug().Err(err).Msg("call with an unusable reply subject: dropped")
+		return
+	}
+	r, err := protocol.DecodeRequest(req.Data())
+	if err != nil {
+		w.answerCall(replyTo, "", err)
+		return
+	}
+	deadline := time.Now().Add(min(r.Timeout(), w.cfg.MaxTimeout) + w.cfg.MaxQueueWait)
+	if v := req.Headers().Get(protocol.HeaderDeadline); v != "" {
+		asked, err := protocol.ParseDeadline(v)
+		if err != nil {
+			w.answerCall(replyTo, "", err)
+			return
+		}
+		if asked.Before(deadline) {
+			deadline = asked
+		}
+	}
+
+	w.callMu.Lock()
+	closed := w.callsClosed
+	if !closed {
+		select {
+		case w.callSlots <- struct{}{}:
+		default:
+			w.callMu.Unlock()
+			w.answerCall(replyTo, "", protocol.Errorf(protocol.CodeOverloaded,
+				"worker %s has %d calls waiting for the request stream: retry later with backoff", w.cfg.WorkerID, cap(w.callSlots)))
+			return
+		}
+		w.callers.Add(1)
+	}
+	w.callMu.Unlock()
+	if closed {
+		// Taken from the subscription after the service stopped.
+		w.answerCall(replyTo, "", protocol.Errorf(protocol.CodeShuttingDown, "worker %s is stopping: retry", w.cfg.WorkerID))
+		return
+	}
+	c.pending.Add(1)
+	go func() {
+		defer w.callers.Done()
+		defer func() { <-w.callSlots; c.pending.Add(-1) }()
+		w.queueCall(r, req.Data(), replyTo, deadline, taken)
+	}()
+}
+
+// queueCall publishes a call's request to the stream and answers the
+// caller at once when the stream does not take it.
+func (w *Worker) queueCall(r *protocol.Request, body []byte, replyTo string, deadline, taken time.Time) {
+	id := uuid.NewString()
+	m := nats.NewMsg(protocol.RunSubject(w.cfg.Prefix, protocol.Shard(r.IsolateKey, w.cfg.Shards)))
+	m.Data = body
+	m.Header.Set(protocol.HeaderMsgID, id)
+	m.Header.Set(protocol.HeaderReplyTo, replyTo)
+	m.Header.Set(protocol.HeaderDeadline, strconv.FormatInt(deadline.UnixMilli(), 10))
+	ttl := time.Until(deadline) + callTTLSlack
+	m.Header.Set(jetstream.MsgTTLHeader, strconv.FormatInt(int64(ttl/time.Second)+1, 10)+"s")
+	// No Isode-Reply-Ack: a plain caller does not confirm replies.
+
+	ctx, cancel := context.WithTimeout(context.Background(), callAckTimeout)
+	ack, err := w.js.PublishMsg(ctx, m, jetstream.WithExpectStream(protocol.StreamName(w.cfg.Prefix)))
+	cancel()
+	w.calls.accept(time.Since(taken))
+	switch {
+	case err != nil:
+		w.answerCall(replyTo, id, callRefusal(err))
+	case ack.Duplicate:
+		// A fresh random id: cannot happen unless the stream is not ours.
+		w.answerCall(replyTo, id, protocol.Errorf(protocol.CodeInternal, "the request stream took request id %s as a duplicate", id))
+	default:
+		w.calls.queued.Add(1)
+	}
+}
+
+// JetStream error codes of a publish that mean "no room now" (nats-server's
+// server/errors.json; pkg/client maps the same ones in ack.go).
+var noRoomCodes = []jetstream.ErrorCode{
+	10077, // JSStreamStoreFailedF: max msgs or bytes under discard new
+	10167, // JSStreamTooManyRequests
+	10047, // JSStorageResourcesExceededErr
+	10028, // JSMemoryResourcesExceededErr
+	10002, // JSAccountResourcesExceededErr
+	10023, // JSInsufficientResourcesErr
+}
+
+// callRefusal maps the error of a call's publish to the stream to the
+// error its caller gets.
+func callRefusal(err error) *protocol.Error {
+	var api *jetstream.APIError
+	if errors.As(err, &api) {
+		for _, c := range noRoomCodes {
+			if api.ErrorCode == c {
+				return protocol.Errorf(protocol.CodeOverloaded, "the request queue is full (%s, JetStream code %d): retry later with backoff", api.Description, api.ErrorCode)
+			}
+		}
+		return protocol.Errorf(protocol.CodeInternal, "the request stream refused the request: %s (JetStream code %d)", api.Description, api.ErrorCode)
+	}
+	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) {
+		return protocol.Errorf(protocol.CodeOverloaded, "the request stream did not acknowledge the request within %v: retry later with backoff", callAckTimeout)
+	}
+	return protocol.Errorf(protocol.CodeInternal, "queue the request: %v", err)
+}
+
+// answerCall answers a call that will not run, through the outbox, with
+// the same reply JSON and headers as the stream's path.
+func (w *Worker) answerCall(replyTo, id string, err error) {
+	w.calls.fail(protocol.CodeOf(err))
+	hdr, data := w.encodeReply(id, err, nil, 0)
+	if err := w.out.publish(&nats.Msg{Subject: replyTo, Header: hdr, Data: data}); err != nil {
+		w.log.Debug().Err(err).Msg("answer a call")
+	}
+}
+
+// stopService stops the micro service: no call is taken after it returns,
+// calls still arriving are answered shutting_down, and calls on their way
+// to the stream are published (or refused) before it returns.
+func (w *Worker) stopService() {
+	w.mu.Lock()
+	svc := w.svc
+	w.svc = nil
+	w.mu.Unlock()
+	if svc != nil {
+		if err := svc.Stop(); err != nil {
+			w.log.Warn().Err(err).Msg("stop the micro service")
+		}
+	}
+	w.callMu.Lock()
+	w.callsClosed = true
+	w.callMu.Unlock()
+	w.callers.Wait()
+}
