@@ -74,7 +74,16 @@ func checkAck(id string, m *nats.Msg) error {
 		}
 		return nil
 	}
-	e := ack.Error
+	return StreamRefusal(id, ack.Stream, ack.Error)
+}
+
+// StreamRefusal maps the error with which the request stream refused the
+// publish of request id to the error its submitter gets: overloaded when
+// there is no room now, duplicate_request, bad_request for a message over
+// the stream's size limit, internal otherwise. It is the one place that
+// reads JetStream's error codes for a publish; the workers' plain
+// request/reply door uses it too.
+func StreamRefusal(id, stream string, e *jetstream.APIError) *protocol.Error {
 	switch e.ErrorCode {
 	case errCodeStreamStoreFailed, errCodeStreamTooManyRequests,
 		errCodeStorageResourcesExceeded, errCodeMemoryResourcesExceeded,
@@ -87,7 +96,7 @@ func checkAck(id string, m *nats.Msg) error {
 	case jetstream.JSErrCodeStreamMessageExceedsMaximum:
 		return protocol.Errorf(protocol.CodeBadRequest, "the request stream refused the request as too large (%s): its max message size is set below what the protocol allows; send less code or input, or raise the stream's limit", e.Description)
 	case errCodeMessageTTLDisabled:
-		return protocol.Errorf(protocol.CodeInternal, "the request stream %s does not allow per-message TTLs, which this client sets (%s): recreate the stream with AllowMsgTTL, as current workers do", ack.Stream, e.Description)
+		return protocol.Errorf(protocol.CodeInternal, "the request stream %s does not allow per-message TTLs, which this client sets (%s): recreate the stream with AllowMsgTTL, as current workers do", stream, e.Description)
 	}
 	return protocol.Errorf(protocol.CodeInternal, "the stream refused the request: %s (JetStream code %d)", e.Description, e.ErrorCode)
 }

@@ -11,6 +11,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nats.go/micro"
 
+	"github.com/isode-run/isode/pkg/client"
 	"github.com/isode-run/isode/pkg/protocol"
 )
 
@@ -119,7 +120,7 @@ func (w *Worker) queueCall(r *protocol.Request, body []byte, replyTo string, dea
 	w.calls.accept(time.Since(taken))
 	switch {
 	case err != nil:
-		w.answerCall(replyTo, id, callRefusal(err))
+		w.answerCall(replyTo, id, callRefusal(id, w.cfg.Prefix, err))
 	case ack.Duplicate:
 		// A fresh random id: cannot happen unless the stream is not ours.
 		w.answerCall(replyTo, id, protocol.Errorf(protocol.CodeInternal, "the request stream took request id %s as a duplicate", id))
@@ -128,28 +129,12 @@ func (w *Worker) queueCall(r *protocol.Request, body []byte, replyTo string, dea
 	}
 }
 
-// JetStream error codes of a publish that mean "no room now" (nats-server's
-// server/errors.json; pkg/client maps the same ones in ack.go).
-var noRoomCodes = []jetstream.ErrorCode{
-	10077, // JSStreamStoreFailedF: max msgs or bytes under discard new
-	10167, // JSStreamTooManyRequests
-	10047, // JSStorageResourcesExceededErr
-	10028, // JSMemoryResourcesExceededErr
-	10002, // JSAccountResourcesExceededErr
-	10023, // JSInsufficientResourcesErr
-}
-
 // callRefusal maps the error of a call's publish to the stream to the
 // error its caller gets.
-func callRefusal(err error) *protocol.Error {
+func callRefusal(id, prefix string, err error) *protocol.Error {
 	var api *jetstream.APIError
 	if errors.As(err, &api) {
-		for _, c := range noRoomCodes {
-			if api.ErrorCode == c {
-				return protocol.Errorf(protocol.CodeOverloaded, "the request queue is full (%s, JetStream code %d): retry later with backoff", api.Description, api.ErrorCode)
-			}
-		}
-		return protocol.Errorf(protocol.CodeInternal, "the request stream refused the request: %s (JetStream code %d)", api.Description, api.ErrorCode)
+		return client.StreamRefusal(id, protocol.StreamName(prefix), api)
 	}
 	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrTimeout) {
 		return protocol.Errorf(protocol.CodeOverloaded, "the request stream did not acknowledge the request within %v: retry later with backoff", callAckTimeout)

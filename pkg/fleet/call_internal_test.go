@@ -32,7 +32,7 @@ func TestCallRefusal(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got := callRefusal(tt.give)
+			got := callRefusal("id", "isode", tt.give)
 			if got.Code != tt.want || got.Message == "" {
 				t.Fatalf("callRefusal(%v) = %v, want code %s", tt.give, got, tt.want)
 			}
