@@ -122,7 +122,7 @@ func (r *Runtime) check(ctx context.Context) error {
 	}
 	if _, err := r.cli.ImageInspect(cctx, r.cfg.Image); err != nil {
 		if cerrdefs.IsNotFound(err) {
-			return fmt.Errorf("%w: image %s is not on the engine (build it with `make sandbox-image`)", ErrUnavailable, r.cfg.Image)
+			return fmt.Errorf("%w: image %s is not on the engine; %s", ErrUnavailable, r.cfg.Image, imageHowTo)
 		}
 		return fmt.Errorf("inspect image %s: %w", r.cfg.Image, err)
 	}
