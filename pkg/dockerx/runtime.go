@@ -39,6 +39,8 @@ type Runtime struct {
 	sandboxes map[string]*Sandbox // by container id
 	creating  map[string]bool     // names of containers being created
 	reaping   bool                // StartReaper has started the reaper
+
+	nodeArgs []string // node's arguments; nil: sandbox.Args() (tests compare others)
 }
 
 // New connects to the engine and checks that it can run sandboxes as cfg
@@ -176,6 +178,9 @@ func (r *Runtime) Create(ctx context.Context, tenant string) (*Sandbox, error) {
 
 func (r *Runtime) create(ctx context.Context, name, tenant string) (_ *Sandbox, err error) {
 	cfg, host := containerSpec(&r.cfg, tenant)
+	if r.nodeArgs != nil {
+		cfg.Cmd = r.nodeArgs
+	}
 	// Not cancelled with ctx, only bounded: a create cancelled half-way
 	// (the pool closing) can still be completed by the engine after our
 	// remove by name found nothing, leaving a container nobody tracks.
