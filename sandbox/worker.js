@@ -184,11 +184,15 @@ function compile(code) {
 // may be /tmp); the thread must not start if that did not hold.
 const modulePaths = workerData !== null && typeof workerData === 'object' && isArray(workerData.modulePaths) ? workerData.modulePaths.filter((p) => typeof p === 'string') : [];
 (function useModulePaths() {
-  const home = process.env.HOME;
+  // The environment snippets see stays as the image set it.
+  const saved = { HOME: process.env.HOME, NODE_PATH: process.env.NODE_PATH };
   delete process.env.HOME;
   process.env.NODE_PATH = modulePaths.join(require('node:path').delimiter);
   Module._initPaths(); // reads HOME and NODE_PATH again
-  if (home !== undefined) process.env.HOME = home;
+  for (const [k, v] of Object.entries(saved)) {
+    if (v === undefined) delete process.env[k];
+    else process.env[k] = v;
+  }
   for (const p of Module.globalPaths) {
     if (!modulePaths.includes(p) && p !== pathJoin(process.execPath, '..', '..', 'lib', 'node')) {
       throw new Error(`unexpected global module path ${p}`);
