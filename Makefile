@@ -70,6 +70,7 @@ bench: build sandbox-image
 	$(GO) test -run '^$$' -bench DockerNewTenant -benchtime 20x -timeout 20m ./pkg/pool/
 	$(GO) test -run '^$$' -bench WarmRun -benchtime 2s ./pkg/dockerx/
 	$(GO) test -run '^$$' -bench 'CreateReady|DockerRunCLI' -benchtime 10x -timeout 20m ./pkg/dockerx/
+	$(GO) test -run '^$$' -bench AgentDelivery -benchtime 20x ./pkg/dockerx/
 	$(GO) test -run '^$$' -bench WorkerMemory -benchtime 1x ./cmd/worker/
 	BIN=$(BIN) ./scripts/bench-worker.sh "$(BENCH_WORKER)" --scenario warm --tenants 1 --concurrency 1 --duration 10s
 	BIN=$(BIN) ./scripts/bench-worker.sh "$(BENCH_WORKER)" --scenario new --count 20 --duration 10s

@@ -20,6 +20,14 @@
 // strictly all the same (pkg/dockerx/wire.go): a snippet can also find the
 // protocol descriptor and write frames of its own.
 //
+// The worker does not rely on the image for any of this: it passes the
+// agent's source, with worker.js inside it, on node's command line (see
+// sandbox/program.go), so any image with a Node.js runtime will do. The
+// agent can also run from a file (node agent.js), as its tests do.
+//
+// Snippets may require Node.js built-in modules and, by name, the modules
+// the image installed globally (see moduleDirs).
+//
 // Settings come from the environment (set by the host at container create):
 //   ISODE_CONCURRENCY       Workers at most, so snippets at once (default 4)
 //   ISODE_WORKER_HEAP_MB    V8 old-space limit of each Worker (default 64)
@@ -45,6 +53,12 @@ const DEFAULTS = {
   maxResultBytes: 512 << 10,
   maxConsoleBytes: 64 << 10,
   workerFile: path.join(__dirname, 'worker.js'),
+  // workerSource, when set, is worker.js's text: Workers are started from
+  // it (eval) rather than from workerFile.
+  workerSource: null,
+  // modulePaths are the directories snippets may require modules from
+  // (moduleDirs); worker.js gets them as workerData.
+  modulePaths: [],
   stuckMs: 5000,
   onStuck: () => {},
   // sweep, when set, is called once the agent has had no request in flight
@@ -211,7 +225,7 @@ class Agent {
   pong(id) {
     let busy = 0;
     for (const s of this.slots) if (s.req) busy++;
-    this.send({ id, result: { ready: true, node: process.versions.node, workers: this.slots.size, busy, queued: this.queue.length, ...this.stats } });
+    this.send({ id, result: { ready: true, node: process.versions.node, modules: this.o.modulePaths, workers: this.slots.size, busy, queued: this.queue.length, ...this.stats } });
   }
 
   run(m) {
@@ -273,7 +287,12 @@ class Agent {
     this.stats.spawned++;
     let w;
     try {
-      w = new Worker(this.o.workerFile, {
+      const fromSource = typeof this.o.workerSource === 'string';
+      w = new Worker(fromSource ? this.o.workerSource : this.o.workerFile, {
+        eval: fromSource,
+        // Not the agent's own arguments: with an eval'd agent they hold its source.
+        execArgv: [],
+        workerData: { modulePaths: this.o.modulePaths },
         stdout: true,
         stderr: true,
         resourceLimits: { maxOldGenerationSizeMb: this.o.workerHeapMb, maxYoungGenerationSizeMb: this.o.workerYoungMb },
@@ -597,13 +616,69 @@ function killLeftovers(log, maxZombies) {
   return killed > 0;
 }
 
+// MIN_NODE_MAJOR is the oldest Node.js major version the agent runs on
+// (it needs module.isBuiltin and process.getActiveResourcesInfo).
+const MIN_NODE_MAJOR = 18;
+
+// moduleDirs returns the directories snippets may require modules from,
+// in lookup order: the image's NODE_PATH, npm's global folder
+// (<prefix>/lib/node_modules, where `npm install -g` puts modules), then
+// node's own global folders ($HOME/.node_modules, $HOME/.node_libraries,
+// <prefix>/lib/node), where <prefix> is two levels above the node binary.
+// Each is kept only if it exists, as its real path, and only if neither it
+// nor any directory above it is writable by this process: the tenant's
+// /tmp (and a $HOME in it) is never a module path. writable(dir) reports
+// whether this process may write to dir.
+function moduleDirs(env, execPath, writable) {
+  const prefix = path.resolve(execPath, '..', '..');
+  const home = env.HOME;
+  const candidates = [
+    ...(env.NODE_PATH || '').split(path.delimiter),
+    path.join(prefix, 'lib', 'node_modules'),
+    ...(home ? [path.resolve(home, '.node_modules'), path.resolve(home, '.node_libraries')] : []),
+    path.join(prefix, 'lib', 'node'),
+  ];
+  const out = [];
+  for (const c of candidates) {
+    if (c === '' || !path.isAbsolute(c)) continue; // node would read a relative entry from the working directory: /tmp
+    let real;
+    try {
+      real = fs.realpathSync(c);
+      if (!fs.statSync(real).isDirectory()) continue;
+    } catch {
+      continue; // missing: the read-only root cannot gain it later
+    }
+    if (!out.includes(real) && !underWritable(real, writable)) out.push(real);
+  }
+  return out;
+}
+
+// underWritable reports whether dir or any directory above it is writable.
+function underWritable(dir, writable) {
+  for (let d = dir; ; d = path.dirname(d)) {
+    if (writable(d)) return true;
+    if (d === path.dirname(d)) return false;
+  }
+}
+
+function isWritable(dir) {
+  try {
+    fs.accessSync(dir, fs.constants.W_OK);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 function streamOf(fd, readable) {
   const st = fs.fstatSync(fd);
   if (st.isFIFO() || st.isSocket()) return new net.Socket({ fd, readable, writable: !readable });
   return readable ? fs.createReadStream(null, { fd }) : fs.createWriteStream(null, { fd });
 }
 
-function main() {
+// main runs the agent on the process's stdin and stdout. extra may set
+// workerSource (the eval'd agent of sandbox/program.go does).
+function main(extra) {
   const log = (line) => {
     try {
       fs.writeSync(2, `isode-agent: ${line}\n`);
@@ -611,6 +686,11 @@ function main() {
       // stderr is gone: nothing to tell
     }
   };
+  const major = Number(process.versions.node.split('.')[0]);
+  if (!(major >= MIN_NODE_MAJOR)) {
+    log(`node ${process.version} is not supported: the sandbox needs Node.js ${MIN_NODE_MAJOR} or later`);
+    process.exit(78);
+  }
   let opts;
   try {
     opts = {
@@ -619,6 +699,8 @@ function main() {
       maxFrameBytes: envInt('ISODE_MAX_FRAME_BYTES', DEFAULTS.maxFrameBytes, 4096, 1 << 30),
       maxRequestBytes: envInt('ISODE_MAX_REQUEST_BYTES', DEFAULTS.maxRequestBytes, 4096, 1 << 30),
       idleTrimMs: envInt('ISODE_IDLE_TRIM_MS', DEFAULTS.idleTrimMs, 1000, 1 << 30),
+      modulePaths: moduleDirs(process.env, process.execPath, isWritable),
+      ...extra,
     };
   } catch (e) {
     log(e.message);
@@ -656,4 +738,4 @@ function main() {
 
 if (require.main === module) main();
 
-module.exports = { Agent, FrameDecoder, encodeFrame, DEFAULTS, MAX_RESULT_DEPTH };
+module.exports = { Agent, FrameDecoder, encodeFrame, DEFAULTS, MAX_RESULT_DEPTH, MIN_NODE_MAJOR, moduleDirs, main };

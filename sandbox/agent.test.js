@@ -192,10 +192,24 @@ test('the process exits on stdin EOF and keeps fd 1 writes off the protocol', { 
   assert.equal(err, '');
 });
 
-test('sandbox/Dockerfile runs node with the flags of node-flags.sh', () => {
-  const sh = fs.readFileSync(path.join(__dirname, 'node-flags.sh'), 'utf8');
-  const flags = sh.match(/^ISODE_NODE_FLAGS=\((.*)\)$/m)[1].trim().split(/\s+/);
-  const df = fs.readFileSync(path.join(__dirname, 'Dockerfile'), 'utf8');
-  const entry = JSON.parse(df.match(/^ENTRYPOINT (\[.*\])$/m)[1]);
-  assert.deepEqual(entry, ['node', ...flags, '/agent/agent.js']);
+test('moduleDirs keeps existing directories nobody can write to, in node\'s order', () => {
+  const { moduleDirs } = require('./agent.js');
+  const os = require('node:os');
+  const root = fs.realpathSync(fs.mkdtempSync(path.join(os.tmpdir(), 'isode-dirs-')));
+  const mk = (p) => (fs.mkdirSync(path.join(root, p), { recursive: true }), path.join(root, p));
+  const prefix = mk('usr/local');
+  const npmGlobal = mk('usr/local/lib/node_modules');
+  const fromEnv = mk('opt/mods');
+  const tenant = mk('tmp/mods');
+  const home = mk('tmp/home/.node_modules');
+  fs.symlinkSync(tenant, path.join(root, 'opt/link'));
+  try {
+    const writable = (d) => d === path.join(root, 'tmp');
+    const env = { NODE_PATH: [fromEnv, 'relative', tenant, path.join(root, 'opt/link'), path.join(root, 'missing')].join(':'), HOME: path.join(root, 'tmp/home') };
+    const got = moduleDirs(env, path.join(prefix, 'bin/node'), writable);
+    assert.deepEqual(got, [fromEnv, npmGlobal]);
+    void home;
+  } finally {
+    fs.rmSync(root, { recursive: true, force: true });
+  }
 });

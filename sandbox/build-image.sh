@@ -5,8 +5,10 @@
 #
 # The image is FROM scratch: the node binary, the shared libraries it links
 # (resolved with ldd, never hardcoded), /etc/passwd and /etc/group with the
-# unprivileged user sandbox (10001:10001), an empty /tmp and the agent. There
-# is no shell and no package manager inside. No registry is needed: the
+# unprivileged user sandbox (10001:10001) and an empty /tmp. There is no
+# shell, no package manager and no agent inside: the worker passes the agent
+# to node on its command line (sandbox/program.go), so the image need not be
+# rebuilt when the agent changes. No registry is needed: the
 # classic builder (DOCKER_BUILDKIT=0) copies the assembled root filesystem.
 #
 # The build is idempotent and fast when nothing changed: the image carries a
@@ -19,11 +21,6 @@ node_bin="${NODE:-$(command -v node || true)}"
 [[ -n "$node_bin" ]] || { echo "build-image: no node binary on PATH (set NODE=/path/to/node)" >&2; exit 1; }
 node_bin="$(readlink -f "$node_bin")"
 
-# Flags of the agent's node process (see node-flags.sh).
-# shellcheck source=node-flags.sh
-source "$here/node-flags.sh"
-node_flags=("${ISODE_NODE_FLAGS[@]}")
-
 # Resolve the libraries the binary needs: every "=> /path" and the loader.
 mapfile -t libs < <(ldd "$node_bin" | awk '
   $2 == "=>" && $3 ~ /^\// { print $3; next }
@@ -31,14 +28,12 @@ mapfile -t libs < <(ldd "$node_bin" | awk '
 ((${#libs[@]} > 0)) || { echo "build-image: ldd found no libraries for $node_bin" >&2; exit 1; }
 for l in "${libs[@]}"; do [[ -e "$l" ]] || { echo "build-image: ldd names $l, which does not exist" >&2; exit 1; }; done
 
-agent_files=("$here/agent.js" "$here/worker.js")
-
 # The hash of every input decides whether a rebuild is needed.
 inputs_hash="$(
   {
-    echo "recipe 1"
-    printf '%s\n' "$node_bin" "${libs[@]}" "${node_flags[@]}"
-    sha256sum "$node_bin" "${agent_files[@]}" "$here/build-image.sh" "$here/node-flags.sh"
+    echo "recipe 2"
+    printf '%s\n' "$node_bin" "${libs[@]}"
+    sha256sum "$node_bin" "$here/build-image.sh"
     for l in "${libs[@]}"; do sha256sum "$(readlink -f "$l")"; done
   } | sha256sum | cut -c1-32
 )"
@@ -53,7 +48,7 @@ fi
 build="$here/.build"
 rm -rf "$build"
 root="$build/rootfs"
-mkdir -p "$root/usr/bin" "$root/etc" "$root/agent" "$root/tmp"
+mkdir -p "$root/usr/bin" "$root/etc" "$root/tmp"
 chmod 1777 "$root/tmp"
 
 cp "$node_bin" "$root/usr/bin/node"
@@ -61,8 +56,6 @@ for l in "${libs[@]}"; do
   mkdir -p "$root$(dirname "$l")"
   cp -L "$l" "$root$l" # the path ldd names, with the symlink's target content
 done
-cp "${agent_files[@]}" "$root/agent/"
-chmod 0644 "$root"/agent/*.js
 
 cat >"$root/etc/passwd" <<'PASSWD'
 root:x:0:0:root:/nonexistent:/nonexistent
@@ -75,10 +68,6 @@ sandbox:x:10001:
 nogroup:x:65534:
 GROUP
 
-entrypoint="\"/usr/bin/node\""
-for f in "${node_flags[@]}"; do entrypoint+=", \"$f\""; done
-entrypoint+=", \"/agent/agent.js\""
-
 cat >"$build/Dockerfile" <<DOCKERFILE
 FROM scratch
 COPY rootfs/ /
@@ -86,7 +75,7 @@ ENV NODE_ENV=production
 USER 10001:10001
 WORKDIR /tmp
 LABEL io.isode.app=isode io.isode.sandbox.inputs=$inputs_hash io.isode.sandbox.node=$("$node_bin" --version)
-ENTRYPOINT [$entrypoint]
+ENTRYPOINT ["/usr/bin/node"]
 DOCKERFILE
 
 echo "build-image: building $image from $node_bin ($("$node_bin" --version)) with ${#libs[@]} libraries"

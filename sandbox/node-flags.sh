@@ -1,5 +1,5 @@
-# Flags of the agent's node process, sourced by build-image.sh. sandbox/Dockerfile
-# repeats them in its ENTRYPOINT; agent.test.js checks that the two agree.
+# Flags of the agent's node process. The worker puts them on node's command
+# line (sandbox/program.go reads this line); the node tests read it too.
 #
 # The main thread only routes frames, so its heap is small; snippets run in
 # Workers whose heaps the agent bounds itself (ISODE_WORKER_HEAP_MB).

@@ -12,9 +12,13 @@
 // recycle asks the agent to replace this Worker: the snippet left timers or
 // other handles behind that would otherwise run during the next request.
 
-const { parentPort } = require('node:worker_threads');
+const { parentPort, workerData } = require('node:worker_threads');
 const { Console } = require('node:console');
-const { isBuiltin } = require('node:module');
+const Module = require('node:module');
+const { isBuiltin } = Module;
+const fs = require('node:fs');
+const pathJoin = require('node:path').join;
+const pathDirname = require('node:path').dirname;
 const EventEmitter = require('node:events');
 const { StringDecoder } = require('node:string_decoder');
 
@@ -171,9 +175,81 @@ function compile(code) {
   return f;
 }
 
+// --- modules ---------------------------------------------------------------
+
+// modulePaths are the directories the agent found for modules the image
+// installed (agent.js moduleDirs): none of them is writable by the tenant.
+// They become this thread's only global folders, so that a module's own
+// require() of its dependencies searches them too and never $HOME (which
+// may be /tmp); the thread must not start if that did not hold.
+const modulePaths = workerData !== null && typeof workerData === 'object' && isArray(workerData.modulePaths) ? workerData.modulePaths.filter((p) => typeof p === 'string') : [];
+(function useModulePaths() {
+  // The environment snippets see stays as the image set it.
+  const saved = { HOME: process.env.HOME, NODE_PATH: process.env.NODE_PATH };
+  delete process.env.HOME;
+  process.env.NODE_PATH = modulePaths.join(require('node:path').delimiter);
+  Module._initPaths(); // reads HOME and NODE_PATH again
+  for (const [k, v] of Object.entries(saved)) {
+    if (v === undefined) delete process.env[k];
+    else process.env[k] = v;
+  }
+  for (const p of Module.globalPaths) {
+    if (!modulePaths.includes(p) && p !== pathJoin(process.execPath, '..', '..', 'lib', 'node')) {
+      throw new Error(`unexpected global module path ${p}`);
+    }
+  }
+})();
+
+const safeDirs = new Map(); // directory -> whether no tenant can write to it or above it
+
+function safeDir(dir) {
+  let ok = safeDirs.get(dir);
+  if (ok !== undefined) return ok;
+  ok = true;
+  try {
+    fs.accessSync(dir, fs.constants.W_OK);
+    ok = false;
+  } catch {
+    // not writable (a read-only root, or not ours)
+  }
+  if (ok && pathDirname(dir) !== dir) ok = safeDir(pathDirname(dir));
+  safeDirs.set(dir, ok);
+  return ok;
+}
+
+// bareName reports whether name names a module (a package, optionally
+// scoped, optionally with a subpath), not a file: no absolute or relative
+// path, no URL, no "." or ".." segment.
+function bareName(name) {
+  if (name === '' || name.includes('\\') || name.includes('\0') || name.includes(':')) return false;
+  if (name[0] === '/' || name[0] === '.') return false;
+  return name.split('/').every((s) => s !== '' && s !== '.' && s !== '..');
+}
+
+// sandboxRequire is the snippet's require: Node.js built-ins, and modules
+// installed in the image, by name. A path (such as a file in /tmp) is
+// refused, and so is a module whose file resolves into a place a tenant can
+// write. The container is the security boundary, not this: a snippet can
+// read and eval what it likes; this keeps the tenant's files out of module
+// resolution.
 function sandboxRequire(name) {
   if (typeof name === 'string' && isBuiltin(name)) return nodeRequire(name);
-  throw new Error(`cannot require ${stringify(String(name))}: only Node.js built-in modules are available in the sandbox`);
+  const shown = stringify(String(name));
+  if (typeof name !== 'string' || !bareName(name)) {
+    throw new Error(`cannot require ${shown}: only Node.js built-in modules and modules installed in the sandbox image can be required, by name (not by path)`);
+  }
+  let file;
+  try {
+    file = nodeRequire.resolve(name, { paths: modulePaths });
+  } catch (e) {
+    if (e && e.code === 'MODULE_NOT_FOUND') {
+      const where = modulePaths.length > 0 ? `installed in the sandbox image (${modulePaths.join(', ')})` : 'installed in the sandbox image (it has none)';
+      throw new Error(`cannot require ${shown}: no such module: only Node.js built-in modules and the modules ${where} are available`);
+    }
+    throw e;
+  }
+  if (!safeDir(pathDirname(file))) throw new Error(`cannot require ${shown}: it resolves to ${file}, a place the sandbox can write to`);
+  return nodeRequire(file);
 }
 
 // --- running ---------------------------------------------------------------

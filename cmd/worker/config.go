@@ -236,7 +236,8 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 	fs.int(&c.Pool.CreateConcurrency, "create-concurrency", "ISODE_CREATE_CONCURRENCY", "sandboxes created at once")
 	fs.dur(&c.Pool.RefillDelay, "refill-delay", "ISODE_REFILL_DELAY", "wait this long before replacing a free sandbox a new tenant took, so its first run does not compete with a container start")
 
-	fs.str(&c.Docker.Image, "image", "ISODE_IMAGE", "sandbox image (build it with: make sandbox-image)")
+	fs.str(&c.Docker.Image, "image", "ISODE_IMAGE", "sandbox image: any image with Node.js 18+ (build the default with: make sandbox-image)")
+	fs.str(&c.Docker.Node, "node", "ISODE_NODE", "node binary in the sandbox image: a name found on the image's PATH, or an absolute path")
 	fs.str(&c.memory, "memory", "ISODE_MEMORY", "memory limit of each sandbox (no swap), e.g. 128MiB")
 	fs.float(&c.cpus, "cpus", "ISODE_CPUS", "CPU limit of each sandbox, in CPUs")
 	fs.int64(&c.Docker.PidsLimit, "pids", "ISODE_PIDS", "process/thread limit of each sandbox")

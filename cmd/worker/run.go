@@ -85,6 +85,12 @@ func run(ctx, abort context.Context, args []string, stdout, stderr io.Writer) er
 			log.Warn().Err(err).Msg("close docker runtime")
 		}
 	}()
+	// The image, once: node must run in it under the full hardening.
+	img, err := rt.CheckImage(ctx)
+	if err != nil {
+		return err
+	}
+	log.Info().Str("image", img.Image).Str("node", img.Node).Strs("modules", img.Modules).Msg("sandbox image checked")
 	if n, err := rt.Reap(ctx, time.Minute); err != nil {
 		log.Warn().Err(err).Msg("reap leftover sandboxes")
 	} else if n > 0 {

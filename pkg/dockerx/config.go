@@ -34,14 +34,20 @@ const (
 // Defaults of DefaultConfig.
 const (
 	DefaultImage = "isode-sandbox:latest"
+	DefaultNode  = "node"
 	MiB          = 1 << 20
 )
 
 // Config sets how a Runtime makes sandboxes. Start from DefaultConfig.
 type Config struct {
-	// Image is the sandbox image (built by sandbox/build-image.sh or
-	// sandbox/Dockerfile). It must already be on the engine.
+	// Image is the sandbox image: any image with a Node.js runtime (version
+	// sandbox.MinNodeMajor or later), such as the one sandbox/build-image.sh
+	// builds or an official node image. It must already be on the engine.
+	// Its entrypoint, command, user and working directory are not used.
 	Image string
+	// Node is the node binary in the image: "node" (found on the image's
+	// PATH) or an absolute path.
+	Node string
 	// WorkerID names this worker in the LabelWorker label: 1 to 64 of
 	// [A-Za-z0-9_.-]. Two live workers on one engine must not share it.
 	WorkerID string
@@ -109,6 +115,7 @@ type Config struct {
 func DefaultConfig() Config {
 	return Config{
 		Image:           DefaultImage,
+		Node:            DefaultNode,
 		WorkerID:        "w-" + randomHex(6),
 		Memory:          128 * MiB,
 		NanoCPUs:        1e9,
@@ -133,6 +140,7 @@ func DefaultConfig() Config {
 var (
 	namePattern    = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,64}$`)
 	runtimePattern = regexp.MustCompile(`^[A-Za-z0-9_.-]{0,64}$`)
+	nodePattern    = regexp.MustCompile(`^([A-Za-z0-9_.+-]{1,64}|/[A-Za-z0-9_.+@/-]{1,1000})$`)
 )
 
 // Validate checks every field and returns one error per bad field, each
@@ -144,6 +152,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Image == "" {
 		bad("Image is empty")
+	}
+	if !nodePattern.MatchString(c.Node) {
+		bad("Node %q must be a command name (found on the image's PATH) or an absolute path", c.Node)
 	}
 	if !namePattern.MatchString(c.WorkerID) {
 		bad("WorkerID %q must be 1 to 64 of A-Z a-z 0-9 _ . -", c.WorkerID)

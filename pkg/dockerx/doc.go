@@ -1,8 +1,11 @@
 // Package dockerx runs isode sandboxes as hardened Docker containers.
 //
 // A Runtime makes sandboxes for one worker: each is a container of the
-// sandbox image (sandbox/ in this repository) whose only process, the agent,
-// runs tenants' snippets in worker threads. The Runtime creates every
+// sandbox image (any image with Node.js; the default is built in sandbox/)
+// whose only process, the agent, runs tenants' snippets in worker threads.
+// The image supplies node only: the agent's source (package sandbox) is
+// passed to it on its command line, and Runtime.CheckImage checks once
+// that this works with the configured image. The Runtime creates every
 // container hardened (no network, read-only root, a small tmpfs /tmp, no
 // capabilities, no-new-privileges, the default seccomp profile, a non-root
 // user, an init, no IPC namespace sharing, memory without swap, CPU, pids and

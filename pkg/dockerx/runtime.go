@@ -39,6 +39,8 @@ type Runtime struct {
 	sandboxes map[string]*Sandbox // by container id
 	creating  map[string]bool     // names of containers being created
 	reaping   bool                // StartReaper has started the reaper
+
+	nodeArgs []string // node's arguments; nil: sandbox.Args() (tests compare others)
 }
 
 // New connects to the engine and checks that it can run sandboxes as cfg
@@ -122,7 +124,7 @@ func (r *Runtime) check(ctx context.Context) error {
 	}
 	if _, err := r.cli.ImageInspect(cctx, r.cfg.Image); err != nil {
 		if cerrdefs.IsNotFound(err) {
-			return fmt.Errorf("%w: image %s is not on the engine (build it with `make sandbox-image`)", ErrUnavailable, r.cfg.Image)
+			return fmt.Errorf("%w: image %s is not on the engine; %s", ErrUnavailable, r.cfg.Image, imageHowTo)
 		}
 		return fmt.Errorf("inspect image %s: %w", r.cfg.Image, err)
 	}
@@ -176,6 +178,9 @@ func (r *Runtime) Create(ctx context.Context, tenant string) (*Sandbox, error) {
 
 func (r *Runtime) create(ctx context.Context, name, tenant string) (_ *Sandbox, err error) {
 	cfg, host := containerSpec(&r.cfg, tenant)
+	if r.nodeArgs != nil {
+		cfg.Cmd = r.nodeArgs
+	}
 	// Not cancelled with ctx, only bounded: a create cancelled half-way
 	// (the pool closing) can still be completed by the engine after our
 	// remove by name found nothing, leaving a container nobody tracks.

@@ -543,15 +543,17 @@ func heapAbort(stderr string) bool {
 
 // AgentStatus is the agent's answer to a ping.
 type AgentStatus struct {
-	Ready    bool   `json:"ready"`
-	Node     string `json:"node"`
-	Workers  int    `json:"workers"`
-	Busy     int    `json:"busy"`
-	Queued   int    `json:"queued"`
-	Runs     uint64 `json:"runs"`
-	Timeouts uint64 `json:"timeouts"`
-	Replaced uint64 `json:"replaced"`
-	Strays   uint64 `json:"strays"`
+	Ready bool   `json:"ready"`
+	Node  string `json:"node"`
+	// Modules are the directories snippets may require modules from.
+	Modules  []string `json:"modules"`
+	Workers  int      `json:"workers"`
+	Busy     int      `json:"busy"`
+	Queued   int      `json:"queued"`
+	Runs     uint64   `json:"runs"`
+	Timeouts uint64   `json:"timeouts"`
+	Replaced uint64   `json:"replaced"`
+	Strays   uint64   `json:"strays"`
 }
 
 // Ping asks the agent how it is; ctx bounds the wait (Config.ReadyTimeout

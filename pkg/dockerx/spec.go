@@ -5,6 +5,8 @@ import (
 
 	"github.com/docker/docker/api/types/container"
 	"github.com/docker/go-units"
+
+	"github.com/isode-run/isode/sandbox"
 )
 
 // SandboxUser is the numeric user and group the agent runs as. The image's
@@ -13,8 +15,15 @@ import (
 const SandboxUser = "10001:10001"
 
 // containerSpec returns the container and host configuration of a sandbox:
-// the whole hardening of this package is in here.
+// the whole hardening of this package is in here. The image supplies node
+// only: its entrypoint, command, user and working directory are replaced,
+// and the agent's source is on node's command line (package sandbox).
 func containerSpec(c *Config, tenant string) (*container.Config, *container.HostConfig) {
+	return spec(c, tenant, sandbox.Args())
+}
+
+// spec is containerSpec with node's arguments given.
+func spec(c *Config, tenant string, nodeArgs []string) (*container.Config, *container.HostConfig) {
 	labels := map[string]string{LabelApp: AppName, LabelWorker: c.WorkerID}
 	if tenant != "" {
 		labels[LabelTenant] = tenant
@@ -26,6 +35,8 @@ func containerSpec(c *Config, tenant string) (*container.Config, *container.Host
 	pids := c.PidsLimit
 	cfg := &container.Config{
 		Image:      c.Image,
+		Entrypoint: []string{c.Node},
+		Cmd:        nodeArgs,
 		User:       SandboxUser,
 		WorkingDir: "/tmp",
 		Env: []string{
