@@ -301,20 +301,7 @@ func TestUnsafeReplySubjectsAreRefused(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	s, err := js.Stream(ctx, "ISODE")
-	if err != nil {
-		t.Fatal(err)
-	}
-	waitFor(t, 5*time.Second, func() error {
-		info, err := s.Info(ctx)
-		if err != nil {
-			return err
-		}
-		if info.State.Msgs != 0 {
-			return fmt.Errorf("%d requests still in the stream", info.State.Msgs)
-		}
-		return nil
-	})
+	streamEmpty(t, e.nc, 5*time.Second)
 	if m, err := apiSub.NextMsg(200 * time.Millisecond); err == nil {
 		t.Fatalf("worker published to %s", m.Subject)
 	}
