@@ -54,24 +54,18 @@ func (o *outbox) check(m *nats.Msg) error {
 			return fmt.Errorf("%w: reply subject: %w", ErrUnpublishable, err)
 		}
 	}
-	hdr := 0
-	if len(m.Header) > 0 {
-		hdr = len("NATS/1.0\r\n\r\n")
-		for k, vs := range m.Header {
-			if !headerName(k) {
-				return fmt.Errorf("%w: header name %q", ErrUnpublishable, truncate(k, 64))
-			}
-			for i, v := range vs {
-				if clean := headerValue(v); clean != v {
-					vs[i] = clean // only ever a message built for this publish
-				}
-				hdr += len(k) + len(": ") + len(vs[i]) + len("\r\n")
+	for k, vs := range m.Header {
+		if !headerName(k) {
+			return fmt.Errorf("%w: header name %q", ErrUnpublishable, truncate(k, 64))
+		}
+		for i, v := range vs {
+			if clean := headerValue(v); clean != v {
+				vs[i] = clean // only ever a message built for this publish
 			}
 		}
 	}
-	// "HPUB <subject> <reply> <header bytes> <total bytes>\r\n"
-	line := len("HPUB ") + len(m.Subject) + 1 + len(m.Reply) + 1 +
-		len(strconv.Itoa(hdr)) + 1 + len(strconv.Itoa(hdr+len(m.Data))) + len("\r\n")
+	hdr := headerBytes(m.Header)
+	line := controlLine(len(m.Subject), len(m.Reply), hdr, hdr+len(m.Data))
 	if line > o.maxControlLine {
 		return fmt.Errorf("%w: its protocol line is %d bytes, over the server's limit of %d", ErrUnpublishable, line, o.maxControlLine)
 	}
@@ -85,7 +79,10 @@ func (o *outbox) check(m *nats.Msg) error {
 // confirmation subject and a message of any size the server takes, so a
 // request is refused before it runs rather than after.
 func (o *outbox) replyFits(subject string) error {
-	line := len("HPUB ") + len(subject) + 1 + len(protocol.ReplyAckPrefix) + 2*confirmTokenBytes + 2 + 2*len(strconv.FormatInt(o.nc.MaxPayload(), 10)) + 2 + len("\r\n")
+	// "_ISODE_ACK.<nuid>.<token>", and sizes as long as the largest message.
+	confirm := len(protocol.ReplyAckPrefix) + 1 + confirmTokenBytes + 1 + confirmTokenBytes
+	largest := int(o.nc.MaxPayload())
+	line := controlLine(len(subject), confirm, largest, largest)
 	if line > o.maxControlLine {
 		return protocol.Errorf(protocol.CodeBadRequest, "header %s is %d bytes: a reply to it would not fit the NATS server's protocol line limit of %d bytes",
 			protocol.HeaderReplyTo, len(subject), o.maxControlLine)
@@ -93,16 +90,31 @@ func (o *outbox) replyFits(subject string) error {
 	return nil
 }
 
-// room returns how many bytes of data a message with these headers may
-// carry under the server's payload limit.
+// room returns how many bytes of data a message with these (clean)
+// headers may carry under the server's payload limit.
 func (o *outbox) room(h nats.Header) int {
-	n := int(o.nc.MaxPayload()) - len("NATS/1.0\r\n\r\n")
+	return int(o.nc.MaxPayload()) - headerBytes(h)
+}
+
+// headerBytes is the size of h as NATS encodes it: "NATS/1.0", a line per
+// value, a blank line; no bytes at all without headers.
+func headerBytes(h nats.Header) int {
+	if len(h) == 0 {
+		return 0
+	}
+	n := len("NATS/1.0\r\n\r\n")
 	for k, vs := range h {
 		for _, v := range vs {
-			n -= len(k) + len(": ") + min(len(v), maxHeaderValueBytes) + len("\r\n")
+			n += len(k) + len(": ") + len(v) + len("\r\n")
 		}
 	}
 	return n
+}
+
+// controlLine is the length of the protocol line that publishes a message:
+// "HPUB <subject> <reply> <header bytes> <total bytes>\r\n".
+func controlLine(subject, reply, hdr, total int) int {
+	return len("HPUB ") + subject + 1 + reply + 1 + len(strconv.Itoa(hdr)) + 1 + len(strconv.Itoa(total)) + len("\r\n")
 }
 
 // headerName reports whether k is a header name NATS carries intact:
