@@ -62,17 +62,12 @@ func (w *Worker) call(req micro.Request) {
 		w.answerCall(replyTo, "", err)
 		return
 	}
-	deadline := time.Now().Add(min(r.Timeout(), w.cfg.MaxTimeout) + w.cfg.MaxQueueWait)
-	if v := req.Headers().Get(protocol.HeaderDeadline); v != "" {
-		asked, err := protocol.ParseDeadline(v)
-		if err != nil {
-			w.answerCall(replyTo, "", err)
-			return
-		}
-		if asked.Before(deadline) {
-			deadline = asked
-		}
+	b, err := w.cfg.budget(r, taken, req.Headers().Get(protocol.HeaderDeadline))
+	if err != nil {
+		w.answerCall(replyTo, "", err)
+		return
 	}
+	deadline := b.deadline
 
 	w.callMu.Lock()
 	closed := w.callsClosed
@@ -110,12 +105,12 @@ func (w *Worker) queueCall(r *protocol.Request, body []byte, replyTo string, dea
 	m.Header.Set(protocol.HeaderMsgID, id)
 	m.Header.Set(protocol.HeaderReplyTo, replyTo)
 	m.Header.Set(protocol.HeaderDeadline, strconv.FormatInt(deadline.UnixMilli(), 10))
-	ttl := time.Until(deadline) + callTTLSlack
-	m.Header.Set(jetstream.MsgTTLHeader, strconv.FormatInt(int64(ttl/time.Second)+1, 10)+"s")
 	// No Isode-Reply-Ack: a plain caller does not confirm replies.
 
 	ctx, cancel := context.WithTimeout(context.Background(), callAckTimeout)
-	ack, err := w.js.PublishMsg(ctx, m, jetstream.WithExpectStream(protocol.StreamName(w.cfg.Prefix)))
+	ack, err := w.js.PublishMsg(ctx, m, jetstream.WithExpectStream(protocol.StreamName(w.cfg.Prefix)),
+		// Let the stream drop the request by itself once nobody waits for it.
+		jetstream.WithMsgTTL(time.Until(deadline)+callTTLSlack))
 	cancel()
 	w.calls.accept(time.Since(taken))
 	switch {

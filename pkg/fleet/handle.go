@@ -142,14 +142,24 @@ type budget struct {
 	run time.Duration
 }
 
-// budgetOf computes the budget of a decoded request.
+// budgetOf computes the budget of a decoded request from its
+// HeaderDeadline, counted from when the stream stored it.
 func (w *Worker) budgetOf(d *delivery, req *protocol.Request) (budget, error) {
-	asked, err := protocol.ParseDeadline(d.msg.Headers().Get(protocol.HeaderDeadline))
+	return w.cfg.budget(req, d.stored, d.msg.Headers().Get(protocol.HeaderDeadline))
+}
+
+// budget is the one rule for a request's time: its run timeout is what it
+// asks for, at most MaxTimeout; its deadline is the one it asks for
+// (header, Unix ms; refused with bad_request when not a time) but never
+// later than from + MaxQueueWait + the run timeout. from is when the
+// stream stored it (or, for a call not yet stored, when it arrived).
+func (c *Config) budget(req *protocol.Request, from time.Time, header string) (budget, error) {
+	asked, err := protocol.ParseDeadline(header)
 	if err != nil {
 		return budget{}, err
 	}
-	b := budget{run: min(req.Timeout(), w.cfg.MaxTimeout)}
-	b.deadline = d.stored.Add(w.cfg.MaxQueueWait + b.run)
+	b := budget{run: min(req.Timeout(), c.MaxTimeout)}
+	b.deadline = from.Add(c.MaxQueueWait + b.run)
 	if !asked.IsZero() && asked.Before(b.deadline) {
 		b.deadline = asked
 	}
