@@ -85,10 +85,14 @@ type Pool struct {
 	mu      sync.Mutex
 	closed  bool
 	tenants map[string]*tenant
-	entries map[*entry]struct{} // live sandboxes: free, assigned, draining
-	free    []*entry            // ready and unassigned, oldest first
-	lru     list.List           // of *entry: tenants' current sandboxes, least recently released first
-	needy   list.List           // of *tenant: tenants waiting for a sandbox, round-robin
+	entries map[*entry]struct{}  // live sandboxes: free, assigned, draining
+	free    []*entry             // ready and unassigned, oldest first
+	lru     list.List            // of *entry: tenants' current sandboxes, least recently released first
+	needy   list.List            // of *tenant: tenants waiting for a sandbox, in tag order (fair.go)
+	apps    map[string]*appState // applications with requests waiting or tenants needy
+	// tagFloor is the tag of the needy tenant last served: a tenant that
+	// becomes needy is tagged above it.
+	tagFloor uint64
 
 	creating  int         // creations under way; each holds a slot toward High
 	closing   int         // retired sandboxes whose Close has not returned
@@ -136,6 +140,8 @@ type tenant struct {
 	creation  *creation // under way for this tenant; then box is nil
 	waiters   list.List // of *waiter, FIFO
 	needyElem *list.Element
+	tag       uint64 // its place in the needy ring (fair.go)
+	app       string // its application (appName)
 }
 
 // How a request got its sandbox, for the counters.
@@ -175,6 +181,7 @@ func New(rt Runtime, cfg Config) (*Pool, error) {
 		wake:      make(chan struct{}, 1),
 		closeDone: make(chan struct{}),
 		tenants:   make(map[string]*tenant),
+		apps:      make(map[string]*appState),
 		entries:   make(map[*entry]struct{}),
 	}
 	p.ctx, p.cancel = context.WithCancel(context.Background())
@@ -262,15 +269,14 @@ func (p *Pool) acquire(ctx context.Context, key string) (*entry, error) {
 		p.mu.Unlock()
 		return nil, ErrTenantQueueFull
 	}
-	if p.queued >= p.cfg.QueueSize {
+	if p.overShare(t) || p.queued >= p.cfg.QueueSize && !p.makeRoom(t) {
 		p.stats.Rejections++
 		p.forget(t)
 		p.mu.Unlock()
 		return nil, ErrQueueFull
 	}
 	w := &waiter{t: t, ready: make(chan struct{})}
-	w.elem = t.waiters.PushBack(w)
-	p.queued++
+	p.enqueue(w)
 	// Armed before the request is visible as queued, so that a test
 	// advancing a fake clock cannot slip in between.
 	timer := p.clock.NewTimer(p.cfg.MaxWait)
@@ -395,7 +401,7 @@ func (p *Pool) serve(t *tenant, kind grantKind) {
 	for t.waiters.Len() > 0 && t.box != nil && t.box.inflight < p.cfg.PerSandbox {
 		w := t.waiters.Remove(t.waiters.Front()).(*waiter)
 		w.elem = nil
-		p.queued--
+		p.unqueue(t)
 		w.e = t.box
 		p.take(t.box, kind)
 		close(w.ready)
@@ -407,10 +413,9 @@ func (p *Pool) dequeue(w *waiter) {
 	t := w.t
 	t.waiters.Remove(w.elem)
 	w.elem = nil
-	p.queued--
+	p.unqueue(t)
 	if t.waiters.Len() == 0 && t.needyElem != nil {
-		p.needy.Remove(t.needyElem)
-		t.needyElem = nil
+		p.removeNeedy(t, false)
 	}
 }
 
@@ -418,7 +423,7 @@ func (p *Pool) dequeue(w *waiter) {
 // neither a sandbox nor one being created.
 func (p *Pool) markNeedy(t *tenant) {
 	if t.needyElem == nil && t.box == nil && t.creation == nil && t.waiters.Len() > 0 {
-		t.needyElem = p.needy.PushBack(t)
+		p.pushNeedy(t)
 	}
 }
 
@@ -452,12 +457,11 @@ func (p *Pool) dispatch() {
 		next := el.Next()
 		switch res {
 		case provided:
-			p.needy.Remove(el)
-			t.needyElem = nil
+			p.removeNeedy(t, true)
 			// Its new sandbox may be spent already (MaxRequests): back
 			// in the ring, and in this pass.
 			p.markNeedy(t)
-			if next == nil {
+			if t.needyElem != nil && (next == nil || next.Value.(*tenant).tag > t.tag) {
 				next = t.needyElem
 			}
 		case noCapacity:
@@ -501,14 +505,14 @@ func (p *Pool) provide(t *tenant, reserved *int) provision {
 		*reserved++
 		return waitForSlot
 	}
-	if v := p.lruIdle(); v != nil {
+	if v := p.lruIdle(t); v != nil {
 		p.stats.Evictions++
 		p.log.Debug().Str("sandbox", v.sb.ID()).Str("tenant", v.tenant.key).Str("for", t.key).Msg("evict least recently used sandbox")
 		p.retire(v, false)
 		p.startCreation(t, v)
 		return provided
 	}
-	if v := p.longestServed(); v != nil {
+	if v := p.longestServed(t); v != nil {
 		at := v.assigned.Add(p.quantum())
 		if p.clock.Now().Before(at) {
 			p.wakeBy(at)
@@ -524,11 +528,13 @@ func (p *Pool) provide(t *tenant, reserved *int) provision {
 	return noCapacity
 }
 
-// longestServed returns the tenant sandbox assigned longest ago, or nil.
-func (p *Pool) longestServed() *entry {
+// longestServed returns the tenant sandbox assigned longest ago that t may
+// take (victims), or nil.
+func (p *Pool) longestServed(t *tenant) *entry {
+	may := p.victims(t)
 	var v *entry
 	for el := p.lru.Front(); el != nil; el = el.Next() {
-		if e := el.Value.(*entry); v == nil || e.assigned.Before(v.assigned) {
+		if e := el.Value.(*entry); may(e) && (v == nil || e.assigned.Before(v.assigned)) {
 			v = e
 		}
 	}
@@ -543,10 +549,11 @@ func (p *Pool) quantum() time.Duration {
 }
 
 // lruIdle returns the least recently used tenant sandbox with nothing in
-// flight, or nil.
-func (p *Pool) lruIdle() *entry {
+// flight that t may take (victims), or nil.
+func (p *Pool) lruIdle(t *tenant) *entry {
+	may := p.victims(t)
 	for el := p.lru.Front(); el != nil; el = el.Next() {
-		if e := el.Value.(*entry); e.inflight == 0 {
+		if e := el.Value.(*entry); e.inflight == 0 && may(e) {
 			return e
 		}
 	}
@@ -781,6 +788,7 @@ func (p *Pool) Close(ctx context.Context) error {
 	}
 	p.queued = 0
 	p.needy.Init()
+	clear(p.apps)
 	drained := make(chan struct{})
 	if p.inflight == 0 {
 		close(drained)
