@@ -306,8 +306,10 @@ func TestMicroDiscoveryShowsEveryWorker(t *testing.T) {
 	workers := map[string]bool{}
 	for _, in := range infos {
 		workers[in.Metadata["worker"]] = true
-		if in.Name != "isode" || in.Version == "" || len(in.Endpoints) != 1 ||
-			in.Endpoints[0].Subject != "isode.call" || in.Endpoints[0].QueueGroup != "isode" {
+		// The implicit application's door, and the application accounts'.
+		if in.Name != "isode" || in.Version == "" || len(in.Endpoints) != 2 ||
+			in.Endpoints[0].Subject != "isode.call" || in.Endpoints[0].QueueGroup != "isode" ||
+			in.Endpoints[1].Subject != "isode.app.*.call" || in.Endpoints[1].QueueGroup != "isode" {
 			t.Errorf("info %+v", in)
 		}
 	}

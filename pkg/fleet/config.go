@@ -69,6 +69,13 @@ type Config struct {
 	// stream rejects new requests at once (the client sees "overloaded").
 	StreamMaxMsgs  int64
 	StreamMaxBytes int64
+	// StreamMaxPerSubject bounds the requests one application holds in
+	// the stream for one shard (every application's shard is a subject of
+	// its own); past it that application's new requests for the shard are
+	// refused (overloaded) while others' are still taken. One application
+	// can hold at most Shards times this, so keep StreamMaxMsgs well above
+	// that. Only applies when the stream is created or had no such limit.
+	StreamMaxPerSubject int64
 	// StreamReplicas is the stream's replication factor (clustered NATS).
 	StreamReplicas int
 	// StreamMemory keeps the request stream in memory instead of files: a
@@ -109,29 +116,30 @@ type Config struct {
 // DefaultConfig returns the defaults.
 func DefaultConfig() Config {
 	return Config{
-		Prefix:          protocol.DefaultPrefix,
-		Shards:          protocol.DefaultShards,
-		Capacity:        256,
-		AckWait:         5 * time.Second,
-		FetchWait:       10 * time.Second,
-		PullHeartbeat:   time.Second,
-		PullBuffer:      2,
-		MaxDeliver:      -1,
-		MaxFailures:     3,
-		MaxQueueWait:    time.Minute,
-		MaxControlLine:  4096,
-		StreamMaxMsgs:   100_000,
-		StreamMaxBytes:  1 << 30,
-		StreamReplicas:  1,
-		DuplicateWindow: 2 * time.Minute,
-		MaxTimeout:      protocol.MaxTimeout,
-		ReplyCacheTTL:   2 * time.Minute,
-		ReplyCacheBytes: 8 << 20,
-		RetryDelay:      250 * time.Millisecond,
-		Heartbeat:       500 * time.Millisecond,
-		MemberTTL:       2 * time.Second,
-		MaxPendingCalls: 1024,
-		Logger:          zerolog.Nop(),
+		Prefix:              protocol.DefaultPrefix,
+		Shards:              protocol.DefaultShards,
+		Capacity:            256,
+		AckWait:             5 * time.Second,
+		FetchWait:           10 * time.Second,
+		PullHeartbeat:       time.Second,
+		PullBuffer:          2,
+		MaxDeliver:          -1,
+		MaxFailures:         3,
+		MaxQueueWait:        time.Minute,
+		MaxControlLine:      4096,
+		StreamMaxMsgs:       100_000,
+		StreamMaxPerSubject: 1000,
+		StreamMaxBytes:      1 << 30,
+		StreamReplicas:      1,
+		DuplicateWindow:     2 * time.Minute,
+		MaxTimeout:          protocol.MaxTimeout,
+		ReplyCacheTTL:       2 * time.Minute,
+		ReplyCacheBytes:     8 << 20,
+		RetryDelay:          250 * time.Millisecond,
+		Heartbeat:           500 * time.Millisecond,
+		MemberTTL:           2 * time.Second,
+		MaxPendingCalls:     1024,
+		Logger:              zerolog.Nop(),
 	}
 }
 
@@ -161,6 +169,8 @@ func (c *Config) Validate() error {
 		return bad("max deliver", "%d must be at least 1, or -1 for unlimited", c.MaxDeliver)
 	case c.StreamMaxMsgs < 1:
 		return bad("stream max msgs", "%d must be at least 1", c.StreamMaxMsgs)
+	case c.StreamMaxPerSubject < 1:
+		return bad("stream max per subject", "%d must be at least 1", c.StreamMaxPerSubject)
 	case c.StreamMaxBytes < protocol.MaxRequestBytes:
 		return bad("stream max bytes", "%d must hold at least one request (%d bytes)", c.StreamMaxBytes, protocol.MaxRequestBytes)
 	case c.StreamReplicas < 1 || c.StreamReplicas > 5:

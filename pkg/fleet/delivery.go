@@ -41,7 +41,8 @@ type delivery struct {
 	replyTo string
 	id      string
 	key     string // reply cache and runs in flight: see messageKey
-	tenant  string
+	app     string // the application that sent it (protocol.Route.App)
+	tenant  string // protocol.TenantKey
 	// deadline is the request's budgeted deadline (zero before it is
 	// known): replies are offered again until it passes.
 	deadline time.Time
@@ -211,7 +212,7 @@ func (d *delivery) deadLetter(reason string) {
 	if d.md != nil {
 		n = d.md.NumDelivered
 	}
-	w.log.Warn().Str("id", d.id).Int("shard", d.shard).Str("tenant", d.tenant).Uint64("deliveries", n).
+	w.log.Warn().Str("id", d.id).Int("shard", d.shard).Str("app", d.app).Str("tenant", d.tenant).Uint64("deliveries", n).
 		Str("reason", reason).Msg("request dead-lettered")
 	ours := nats.Header{}
 	ours.Set(protocol.HeaderDeadReason, reason)
@@ -267,6 +268,6 @@ func (d *delivery) nak(delay time.Duration) {
 }
 
 func (d *delivery) log(outcome string) {
-	d.w.log.Debug().Str("id", d.id).Int("shard", d.shard).Str("tenant", d.tenant).Str("outcome", outcome).
+	d.w.log.Debug().Str("id", d.id).Int("shard", d.shard).Str("app", d.app).Str("tenant", d.tenant).Str("outcome", outcome).
 		Dur("run", d.runTime).Dur("took", time.Since(d.began)).Msg("request")
 }

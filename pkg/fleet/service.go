@@ -27,8 +27,12 @@ import (
 // may publish on $SRV.> chooses where a worker publishes its service
 // description. deploy/nats.conf lets only the ops user do so.
 
-// callEndpoint is the micro endpoint's name.
-const callEndpoint = "call"
+// callEndpoint and appCallEndpoint are the micro endpoints' names: the
+// implicit application's calls and the application accounts'.
+const (
+	callEndpoint    = "call"
+	appCallEndpoint = "app-call"
+)
 
 // serviceStats is what a worker's call endpoint reports as its stats data
 // (`nats micro stats isode --json`): the door's own counters, and the
@@ -97,6 +101,18 @@ func (w *Worker) startService() (micro.Service, error) {
 			"body":  "protocol.Request JSON",
 			"reply": "protocol.Reply JSON",
 		}))
+	if err == nil {
+		// The applications' calls (protocol.AppCallSubject): each
+		// application's account imports CallSubject mapped there.
+		err = svc.AddEndpoint(appCallEndpoint, micro.HandlerFunc(w.call),
+			micro.WithEndpointSubject(protocol.AppCallWildcard(w.cfg.Prefix)),
+			micro.WithEndpointQueueGroup(name),
+			micro.WithEndpointMetadata(map[string]string{
+				"body":  "protocol.Request JSON",
+				"reply": "protocol.Reply JSON",
+				"note":  "an application account's " + protocol.CallSubject(w.cfg.Prefix) + ", mapped by its import",
+			}))
+	}
 	if err != nil {
 		svc.Stop()
 		return nil, err

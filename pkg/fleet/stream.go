@@ -32,15 +32,20 @@ func (c *Config) streamConfig() jetstream.StreamConfig {
 	}
 	return jetstream.StreamConfig{
 		Name:        protocol.StreamName(c.Prefix),
-		Description: "isode run requests, one subject per shard",
-		Subjects:    []string{protocol.RunWildcard(c.Prefix)},
+		Description: "isode run requests, one subject per application and shard",
+		Subjects:    protocol.StreamSubjects(c.Prefix),
 		Retention:   jetstream.WorkQueuePolicy,
 		Storage:     storage,
 		Discard:     jetstream.DiscardNew,
 		MaxMsgs:     c.StreamMaxMsgs,
-		MaxBytes:    c.StreamMaxBytes,
-		MaxMsgSize:  protocol.MaxRequestBytes + 16<<10,
-		Duplicates:  c.DuplicateWindow,
+		// Each application's shard is a subject: a full one refuses that
+		// application's new requests and nobody else's, and never drops
+		// a request it accepted.
+		MaxMsgsPerSubject:    c.StreamMaxPerSubject,
+		DiscardNewPerSubject: true,
+		MaxBytes:             c.StreamMaxBytes,
+		MaxMsgSize:           protocol.MaxRequestBytes + 16<<10,
+		Duplicates:           c.DuplicateWindow,
 		// A backstop: workers end every request they take within its
 		// bounded deadline; this drops one nobody takes.
 		MaxAge:      c.requestLifetime(),
@@ -79,19 +84,35 @@ func ensureStream(ctx context.Context, js jetstream.JetStream, c *Config) (jetst
 	switch {
 	case have.Retention != jetstream.WorkQueuePolicy:
 		return nil, fmt.Errorf("%w: stream %s has retention %v, want work queue", ErrIncompatibleStream, want.Name, have.Retention)
-	case !slices.Contains(have.Subjects, want.Subjects[0]):
+	case !slices.Contains(have.Subjects, protocol.RunWildcard(c.Prefix)):
 		return nil, fmt.Errorf("%w: stream %s has subjects %v, want %v", ErrIncompatibleStream, want.Name, have.Subjects, want.Subjects)
 	case have.Metadata[metaShards] != want.Metadata[metaShards]:
 		return nil, fmt.Errorf("%w: stream %s was made for %q shards, this worker is configured for %d: every worker and client of a deployment must use the same shard count",
 			ErrIncompatibleStream, want.Name, have.Metadata[metaShards], c.Shards)
 	}
+	// A stream made by an older worker: add what this one relies on,
+	// leaving the operator's other settings as they are.
+	upd, changed := have, false
 	if have.MaxAge == 0 {
-		// A stream made before requests' lives were bounded: add the
-		// backstop, leaving the operator's other settings as they are.
-		upd := have
+		// Requests' lives are bounded: the backstop.
 		upd.MaxAge = max(want.MaxAge, have.Duplicates)
+		changed = true
+	}
+	for _, sub := range want.Subjects {
+		if !slices.Contains(upd.Subjects, sub) {
+			// Applications' subjects.
+			upd.Subjects = append(slices.Clone(upd.Subjects), sub)
+			changed = true
+		}
+	}
+	if have.MaxMsgsPerSubject <= 0 {
+		// One application's flood must not fill the stream for all.
+		upd.MaxMsgsPerSubject, upd.DiscardNewPerSubject = want.MaxMsgsPerSubject, true
+		changed = true
+	}
+	if changed {
 		if s2, err := js.UpdateStream(ctx, upd); err != nil {
-			c.Logger.Warn().Err(err).Str("stream", want.Name).Msg("add a maximum age to the request stream")
+			c.Logger.Warn().Err(err).Str("stream", want.Name).Msg("bring the request stream up to date (maximum age, applications' subjects, per-subject limit)")
 		} else {
 			s = s2
 		}
@@ -101,15 +122,16 @@ func ensureStream(ctx context.Context, js jetstream.JetStream, c *Config) (jetst
 
 func (c *Config) consumerConfig(shard int) jetstream.ConsumerConfig {
 	return jetstream.ConsumerConfig{
-		Durable:       protocol.ConsumerName(c.Prefix, shard),
-		Description:   "isode shard " + strconv.Itoa(shard),
-		FilterSubject: protocol.RunSubject(c.Prefix, shard),
-		AckPolicy:     jetstream.AckExplicitPolicy,
-		AckWait:       c.AckWait,
-		MaxDeliver:    c.MaxDeliver,
-		MaxAckPending: 10_000,
-		MaxWaiting:    512,
-		DeliverPolicy: jetstream.DeliverAllPolicy,
+		Durable:     protocol.ConsumerName(c.Prefix, shard),
+		Description: "isode shard " + strconv.Itoa(shard),
+		// The shard of every application.
+		FilterSubjects: protocol.ShardFilters(c.Prefix, shard),
+		AckPolicy:      jetstream.AckExplicitPolicy,
+		AckWait:        c.AckWait,
+		MaxDeliver:     c.MaxDeliver,
+		MaxAckPending:  10_000,
+		MaxWaiting:     512,
+		DeliverPolicy:  jetstream.DeliverAllPolicy,
 	}
 }
 
