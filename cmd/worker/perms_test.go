@@ -35,7 +35,7 @@ func TestNATSPermissions(t *testing.T) {
 		}))
 		return nc, errs
 	}
-	app, appErrs := refused("app")
+	app, appErrs := refused("app-a")
 	c, err := isode.New(app)
 	if err != nil {
 		t.Fatal(err)
