@@ -94,24 +94,21 @@ func (w *Worker) startService() (micro.Service, error) {
 	if err != nil {
 		return nil, err
 	}
-	err = svc.AddEndpoint(callEndpoint, micro.HandlerFunc(w.call),
-		micro.WithEndpointSubject(protocol.CallSubject(w.cfg.Prefix)),
-		micro.WithEndpointQueueGroup(name),
-		micro.WithEndpointMetadata(map[string]string{
-			"body":  "protocol.Request JSON",
-			"reply": "protocol.Reply JSON",
-		}))
-	if err == nil {
-		// The applications' calls (protocol.AppCallSubject): each
-		// application's account imports CallSubject mapped there.
-		err = svc.AddEndpoint(appCallEndpoint, micro.HandlerFunc(w.call),
-			micro.WithEndpointSubject(protocol.AppCallWildcard(w.cfg.Prefix)),
-			micro.WithEndpointQueueGroup(name),
-			micro.WithEndpointMetadata(map[string]string{
-				"body":  "protocol.Request JSON",
-				"reply": "protocol.Reply JSON",
-				"note":  "an application account's " + protocol.CallSubject(w.cfg.Prefix) + ", mapped by its import",
-			}))
+	// The implicit application's calls, and the applications' (each
+	// application's account imports CallSubject mapped to
+	// protocol.AppCallSubject), in one queue group.
+	for _, ep := range []struct{ name, subject, note string }{
+		{callEndpoint, protocol.CallSubject(w.cfg.Prefix), ""},
+		{appCallEndpoint, protocol.AppCallWildcard(w.cfg.Prefix), "an application account's " + protocol.CallSubject(w.cfg.Prefix) + ", mapped by its import"},
+	} {
+		meta := map[string]string{"body": "protocol.Request JSON", "reply": "protocol.Reply JSON"}
+		if ep.note != "" {
+			meta["note"] = ep.note
+		}
+		if err = svc.AddEndpoint(ep.name, micro.HandlerFunc(w.call), micro.WithEndpointSubject(ep.subject),
+			micro.WithEndpointQueueGroup(name), micro.WithEndpointMetadata(meta)); err != nil {
+			break
+		}
 	}
 	if err != nil {
 		svc.Stop()
