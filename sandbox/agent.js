@@ -13,6 +13,9 @@
 //   agent -> host: {"id":N,"result":<json>,"console":"...","console_truncated":false}
 //                  {"id":N,"error":{"code":"...","message":"..."},"console":"...",...}
 // A ping is answered once a Worker is ready: {"id":N,"result":{"ready":true,...}}.
+// A run's reply also carries "usage":{"cpu_ns":N|null,"rss":N,"peak_rss":N}:
+// measured by this main thread, never by the worker thread the snippet
+// shares (see usageOf).
 // Every reply is one object given to JSON.stringify whole: no text that came
 // from a worker thread is ever spliced into a frame, so a snippet that posts
 // to its thread's parentPort cannot add keys (a second "id") to a reply. A
@@ -138,6 +141,40 @@ const MAX_RESULT_DEPTH = 1000;
 // forgery and answered as a malformed result.
 const WORKER_ERROR_CODES = new Set(['code_error', 'output_too_large']);
 
+// threadCpuNs returns the CPU time (user and system, ns) the kernel has
+// accounted to thread tid of this process, or null when it cannot be read
+// (no such thread any more, no /proc, a kernel without schedstat). The
+// first field of /proc/<pid>/task/<tid>/schedstat is the thread's
+// sum_exec_runtime. Read by the main thread: a snippet runs in another
+// thread and cannot change what the kernel counted.
+function threadCpuNs(tid) {
+  if (tid === null) return null;
+  try {
+    const s = fs.readFileSync(`/proc/self/task/${tid}/schedstat`, 'latin1');
+    const n = Number(s.slice(0, s.indexOf(' ')));
+    return Number.isSafeInteger(n) && n >= 0 ? n : null;
+  } catch {
+    return null;
+  }
+}
+
+// usageOf is the usage of a finished run: the CPU time of the thread that
+// ran it while it ran (null when either reading failed, or it never ran),
+// and the process's resident memory now and at its peak, in bytes.
+function usageOf(req) {
+  let cpu = null;
+  if (req.cpu0 !== null && req.cpu1 !== null && req.cpu1 >= req.cpu0) cpu = req.cpu1 - req.cpu0;
+  let rss = 0;
+  let peak = 0;
+  try {
+    rss = process.memoryUsage.rss();
+    peak = process.resourceUsage().maxRSS * 1024; // getrusage ru_maxrss, KiB
+  } catch {
+    // left at zero: not measured
+  }
+  return { cpu_ns: cpu, rss, peak_rss: peak };
+}
+
 // errorReply is the reply object of an error. Replies are objects until
 // send encodes them whole.
 function errorReply(id, code, message, consoleText, truncated) {
@@ -246,6 +283,8 @@ class Agent {
       maxConsole: Number.isSafeInteger(m.max_console_bytes) && m.max_console_bytes >= 0 ? m.max_console_bytes : this.o.maxConsoleBytes,
       slot: null,
       timer: null,
+      cpu0: null, // the snippet thread's CPU time (ns) when it was handed the request
+      cpu1: null, // and when it answered or overran
       internal: m.id < 0, // the agent's own warm-up (hosts' ids are never negative): no reply
     };
     req.timer = setTimeout(() => this.expire(req), timeoutMs);
@@ -271,6 +310,7 @@ class Agent {
       idle.state = 'busy';
       idle.req = req;
       req.slot = idle;
+      req.cpu0 = threadCpuNs(idle.tid);
       idle.worker.postMessage({ t: 'run', id: req.id, code: req.code, input: req.input, maxResult: req.maxResult, maxConsole: req.maxConsole });
     }
     let starting = 0;
@@ -283,7 +323,7 @@ class Agent {
 
   spawn() {
     if (this.closed) return;
-    const slot = { worker: null, state: 'starting', req: null, idleSince: 0, error: null };
+    const slot = { worker: null, state: 'starting', req: null, idleSince: 0, error: null, tid: null };
     this.stats.spawned++;
     let w;
     try {
@@ -327,6 +367,8 @@ class Agent {
     switch (m.t) {
       case 'ready':
         if (slot.state !== 'starting') return;
+        // The thread's id comes with 'ready', before any snippet ran in it.
+        if (Number.isSafeInteger(m.tid) && m.tid > 0) slot.tid = m.tid;
         this.spawnFailures = 0;
         slot.state = 'idle';
         slot.idleSince = Date.now();
@@ -341,6 +383,7 @@ class Agent {
       case 'result': {
         const req = slot.req;
         if (req === null || m.id !== req.id || slot.state !== 'busy') return; // stale or forged
+        req.cpu1 = threadCpuNs(slot.tid);
         slot.req = null;
         req.slot = null;
         this.finish(req, resultReply(req, m));
@@ -413,6 +456,7 @@ class Agent {
     const msg = `the snippet did not finish within ${req.limitMs} ms (it never called back, or it loops)`;
     if (req.slot !== null) {
       const slot = req.slot;
+      req.cpu1 = threadCpuNs(slot.tid); // before the thread is terminated
       slot.req = null;
       req.slot = null;
       this.retire(slot);
@@ -431,6 +475,7 @@ class Agent {
       this.becomeReady();
       return;
     }
+    r.usage = usageOf(req);
     this.send(r);
     if (this.pending.size === 0) this.idle();
   }

@@ -169,6 +169,8 @@ type Result struct {
 	ID      string
 	Worker  string
 	RunTime time.Duration
+	// Usage is what the request cost (nil from workers that do not say).
+	Usage *protocol.Usage
 }
 
 // RunOption configures one run.
@@ -352,6 +354,7 @@ func decodeReply(id string, m *nats.Msg) (*Result, error) {
 		ID:               rep.ID,
 		Worker:           rep.Worker,
 		RunTime:          time.Duration(rep.RunMicros) * time.Microsecond,
+		Usage:            rep.Usage,
 	}
 	if rep.Error != nil {
 		return res, rep.Error

@@ -141,7 +141,7 @@ func callRefusal(id, prefix string, err error) *protocol.Error {
 // the same reply JSON and headers as the stream's path.
 func (w *Worker) answerCall(replyTo, id string, err error) {
 	w.calls.fail(protocol.CodeOf(err))
-	hdr, data := w.encodeReply(id, err, nil, 0)
+	hdr, data := w.encodeReply(id, err, nil, 0, nil)
 	if err := w.out.publish(&nats.Msg{Subject: replyTo, Header: hdr, Data: data}); err != nil {
 		w.log.Debug().Err(err).Msg("answer a call")
 	}

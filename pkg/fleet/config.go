@@ -103,6 +103,11 @@ type Config struct {
 	// it is answered overloaded at once.
 	MaxPendingCalls int
 
+	// OnUsage, when set, is given the usage record of every request this
+	// worker answers, when it answers (see protocol.UsageRecord): on the
+	// answering goroutine, so it must be quick and must not keep rec.
+	OnUsage func(rec *protocol.UsageRecord)
+
 	Logger zerolog.Logger
 }
 

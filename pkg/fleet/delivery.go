@@ -60,17 +60,25 @@ func (w *Worker) newDelivery(msg jetstream.Msg, shard int) *delivery {
 
 // answer builds the reply to the request, caches it for redeliveries and
 // sends it.
+//
+// Every answer made here (not a copy sent again from the reply cache) is
+// metered once: its usage goes on the reply and in a usage record.
 func (d *delivery) answer(runErr error, res *protocol.Result, runTime time.Duration) {
 	d.runTime = runTime
-	hdr, data := d.w.encodeReply(d.id, runErr, res, runTime)
-	outcome := "ok"
+	var u *protocol.Usage
+	if d.tenant != "" {
+		u = d.usageOf(res, runTime)
+	}
+	hdr, data := d.w.encodeReply(d.id, runErr, res, runTime, u)
+	outcome := protocol.CodeOK
 	if code := hdr.Get(protocol.HeaderErrorCode); code != "" {
 		outcome = code
-		if code == string(protocol.CodeDeadLettered) {
-			// Not cached: a redelivery must find the ledger, not a reply.
-			d.send(hdr, data, outcome)
-			return
-		}
+	}
+	d.meter(outcome, u)
+	if outcome == string(protocol.CodeDeadLettered) {
+		// Not cached: a redelivery must find the ledger, not a reply.
+		d.send(hdr, data, outcome)
+		return
 	}
 	if d.key != "" {
 		d.w.cache.put(&cached{id: d.key, reply: data, header: hdr, deadline: d.deadline}, time.Now())

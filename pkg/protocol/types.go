@@ -158,6 +158,10 @@ type Result struct {
 	Console string `json:"console,omitempty"`
 	// ConsoleTruncated is set when console output was dropped.
 	ConsoleTruncated bool `json:"console_truncated,omitempty"`
+	// Usage is what the run cost, as far as the runner measured it (the
+	// sandbox: CPU and memory; the pool: Start and PoolMicros). The worker
+	// completes it and sends it as Reply.Usage; it is not encoded here.
+	Usage Usage `json:"-"`
 }
 
 // Reply answers one Request. Exactly one of Result and Error is set.
@@ -174,6 +178,9 @@ type Reply struct {
 	Worker string `json:"worker,omitempty"`
 	// RunMicros is the time spent running the snippet, in microseconds.
 	RunMicros int64 `json:"run_us,omitempty"`
+	// Usage is what the request cost (see Usage); absent from replies of
+	// workers older than it.
+	Usage *Usage `json:"usage,omitempty"`
 }
 
 // Validate checks that a Reply is well formed. Error codes this package does
