@@ -757,6 +757,14 @@ func (p *Pool) died(e *entry) {
 		return
 	}
 	p.stats.Deaths++
+	cause := protocol.CodeInternal
+	if pe := protocol.AsError(e.sb.Err()); pe != nil {
+		cause = pe.Code
+	}
+	if p.stats.deathCauses == nil {
+		p.stats.deathCauses = make(map[protocol.Code]uint64)
+	}
+	p.stats.deathCauses[cause]++
 	ev := p.log.Warn().Str("sandbox", e.sb.ID()).Int("in_flight", e.inflight)
 	if e.tenant != nil {
 		ev = ev.Str("tenant", e.tenant.key)
