@@ -3,7 +3,7 @@
 //
 //	submit run --tenant KEY [--nats URL] [--timeout D] [--input JSON] (CODE | -f FILE | -)
 //	submit bench [--tenants N] [--concurrency C] [--duration D | --count N] [--json]
-//	submit stats [--json]
+//	submit stats [--json] [--tenants]
 package main
 
 import (
@@ -49,7 +49,7 @@ const usage = `Usage: submit <command> [flags]
 Commands:
   run     run a snippet for a tenant and print its result
   bench   load-test the fleet, next to a NATS request/reply echo baseline
-  stats   show what the workers report (pool counters, queue, shards)
+  stats   show what the workers report (pool counters, queue, shards; --tenants: busiest tenants)
 
 Run "submit <command> --help" for the flags of a command.
 `

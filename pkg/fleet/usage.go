@@ -58,8 +58,9 @@ func withUsage(data []byte, u *protocol.Usage) []byte {
 
 // meter records the usage of a request this worker answered (not a replay
 // from the reply cache): it publishes the record on the usage subject,
-// gives it to Config.OnUsage. Only
-// requests whose body was decoded have a tenant and are metered.
+// adds it to the tenant totals (WorkerStats.Tenants) and gives it to
+// Config.OnUsage. Only requests whose body was decoded have a tenant and
+// are metered.
 func (d *delivery) meter(code string, u *protocol.Usage) {
 	if d.tenant == "" || u == nil {
 		return
@@ -81,6 +82,7 @@ func (d *delivery) meter(code string, u *protocol.Usage) {
 		Time:        time.Now().UTC(),
 		Usage:       *u,
 	}
+	w.tenants.add(&rec)
 	if w.cfg.OnUsage != nil {
 		w.cfg.OnUsage(&rec)
 	}

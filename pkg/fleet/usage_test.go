@@ -196,6 +196,27 @@ func TestUsageRecordPerRun(t *testing.T) {
 	if codes["ok"] != 11 || codes["code_error"] != 3 || codes["queue_timeout"] != 1 {
 		t.Errorf("codes %v", codes)
 	}
+
+	// The worker's stats have the same totals per tenant.
+	m, err := e.nc.Request(protocol.StatsSubject(protocol.DefaultPrefix), nil, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st protocol.WorkerStats
+	if err := json.Unmarshal(m.Data, &st); err != nil {
+		t.Fatal(err)
+	}
+	var runs, tenantCPU, errs uint64
+	for _, ts := range st.Tenants {
+		runs += ts.Runs
+		tenantCPU += ts.CPUMicros
+		for _, n := range ts.Errors {
+			errs += n
+		}
+	}
+	if len(st.Tenants) != 5 || runs != 15 || tenantCPU != uint64(wantCPU) || errs != 4 {
+		t.Errorf("stats tenants %+v: %d runs, %d us CPU, %d errors; want 5 tenants, 15 runs, %d us, 4 errors", st.Tenants, runs, tenantCPU, errs, wantCPU)
+	}
 }
 
 func mustJSON(t *testing.T, v any) []byte {

@@ -204,7 +204,27 @@ type WorkerStats struct {
 	Shards   []int     `json:"shards"`
 	InFlight int       `json:"in_flight"`
 	Pool     PoolStats `json:"pool"`
+	// Tenants are the busiest tenants' totals since the worker started,
+	// most CPU first, at most a few dozen; the last entry, named
+	// OtherTenants, folds every other tenant (absent when there is none).
+	Tenants []TenantStats `json:"tenants,omitempty"`
 }
+
+// TenantStats are one tenant's totals on one worker, from the usage
+// records it published.
+type TenantStats struct {
+	IsolateKey string `json:"isolate_key"`
+	// Runs counts requests answered, errors included.
+	Runs uint64 `json:"runs"`
+	// Errors counts the answers that were errors, by code.
+	Errors     map[string]uint64 `json:"errors,omitempty"`
+	CPUMicros  uint64            `json:"cpu_us"`
+	WallMicros uint64            `json:"wall_us"`
+}
+
+// OtherTenants is the IsolateKey of the TenantStats that folds the
+// tenants not listed by name. It is not a valid isolate key.
+const OtherTenants = "(others)"
 
 // PoolStats are a worker's container pool counters.
 type PoolStats struct {
