@@ -241,3 +241,38 @@ func TestBenchNewScenarioLeavesPausesOffTheClock(t *testing.T) {
 		t.Fatalf("a new tenant's run took %v with %v pauses between runs: the pause is on the clock", max, pause)
 	}
 }
+
+// On a pipe, top prints one snapshot (the workers, and the runs of one
+// interval) and exits.
+func TestTopSnapshotOnAPipe(t *testing.T) {
+	url := fleetURL(t)
+	done := make(chan struct{})
+	var out string
+	var err error
+	go func() {
+		defer close(done)
+		out, _, err = submit(t, "", "top", "--nats", url, "--interval", "1s")
+	}()
+	// Runs until top has printed: some of them fall in its interval.
+	for running := true; running; {
+		select {
+		case <-done:
+			running = false
+		default:
+			if _, _, err := submit(t, "", "run", "--nats", url, "--tenant", "acme", "x"); err != nil {
+				t.Error(err)
+			}
+		}
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(out, "\x1b") {
+		t.Errorf("terminal sequences on a pipe: %q", out)
+	}
+	for _, want := range []string{"1 workers", "submit-test", "runs/s", "busiest tenants", "acme"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("top's snapshot lacks %q:\n%s", want, out)
+		}
+	}
+}
