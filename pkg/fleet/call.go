@@ -88,23 +88,27 @@ func (w *Worker) call(req micro.Request) {
 		w.answerCall(replyTo, "", protocol.Errorf(protocol.CodeShuttingDown, "worker %s is stopping: retry", w.cfg.WorkerID))
 		return
 	}
+	traceparent := protocol.Traceparent(req.Headers().Get(protocol.HeaderTraceparent))
 	c.pending.Add(1)
 	go func() {
 		defer w.callers.Done()
 		defer func() { <-w.callSlots; c.pending.Add(-1) }()
-		w.queueCall(r, req.Data(), replyTo, deadline, taken)
+		w.queueCall(r, req.Data(), replyTo, deadline, taken, traceparent)
 	}()
 }
 
 // queueCall publishes a call's request to the stream and answers the
 // caller at once when the stream does not take it.
-func (w *Worker) queueCall(r *protocol.Request, body []byte, replyTo string, deadline, taken time.Time) {
+func (w *Worker) queueCall(r *protocol.Request, body []byte, replyTo string, deadline, taken time.Time, traceparent string) {
 	id := uuid.NewString()
 	m := nats.NewMsg(protocol.RunSubject(w.cfg.Prefix, protocol.Shard(r.IsolateKey, w.cfg.Shards)))
 	m.Data = body
 	m.Header.Set(protocol.HeaderMsgID, id)
 	m.Header.Set(protocol.HeaderReplyTo, replyTo)
 	m.Header.Set(protocol.HeaderDeadline, strconv.FormatInt(deadline.UnixMilli(), 10))
+	if traceparent != "" {
+		m.Header.Set(protocol.HeaderTraceparent, traceparent)
+	}
 	// No Isode-Reply-Ack: a plain caller does not confirm replies.
 
 	ctx, cancel := context.WithTimeout(context.Background(), callAckTimeout)

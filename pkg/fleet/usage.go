@@ -80,6 +80,7 @@ func (d *delivery) meter(code string, u *protocol.Usage) {
 		Shard:       d.shard,
 		Code:        code,
 		Time:        time.Now().UTC(),
+		Traceparent: d.traceparent,
 		Usage:       *u,
 	}
 	w.tenants.add(&rec)

@@ -12,7 +12,9 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
 
+	"github.com/isode-run/isode/internal/testenv"
 	"github.com/isode-run/isode/pkg/client"
 	"github.com/isode-run/isode/pkg/protocol"
 )
@@ -226,4 +228,90 @@ func mustJSON(t *testing.T, v any) []byte {
 		t.Fatal(err)
 	}
 	return b
+}
+
+// A W3C traceparent on a request is on the worker's log lines for that
+// run, on its reply and in its usage record; an invalid one is ignored.
+func TestTraceparentIsCarried(t *testing.T) {
+	e := newEnv(t)
+	records := captureUsage(t, e)
+	logs := &testenv.SyncBuffer{}
+	cfg := testConfig("w1")
+	cfg.Logger = zerolog.New(logs).Level(zerolog.DebugLevel)
+	startWorker(t, e, echo, cfg)
+	c := newClient(t, e, 8)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+
+	const tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+	res, err := c.Run(ctx, "traced", "x", client.WithTraceparent(tp), client.WithRequestID("traced-1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Traceparent != tp {
+		t.Errorf("reply traceparent %q", res.Traceparent)
+	}
+	// An invalid one (upper case) is neither echoed nor logged.
+	bad := strings.ToUpper(tp)
+	if _, err := c.Run(ctx, "traced", "x", client.WithTraceparent(bad)); err == nil {
+		t.Error("the client took an invalid traceparent")
+	}
+	inbox := nats.NewInbox()
+	sub, err := e.nc.SubscribeSync(inbox)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := nats.NewMsg(protocol.RunSubject(protocol.DefaultPrefix, protocol.Shard("traced", 8)))
+	m.Data = mustJSON(t, protocol.Request{V: 1, IsolateKey: "traced", Code: "y"})
+	m.Header.Set(protocol.HeaderMsgID, "traced-2")
+	m.Header.Set(protocol.HeaderReplyTo, inbox)
+	m.Header.Set(protocol.HeaderTraceparent, bad)
+	js, _ := jetstream.New(e.nc)
+	if _, err := js.PublishMsg(ctx, m); err != nil {
+		t.Fatal(err)
+	}
+	rep, err := sub.NextMsg(5 * time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := rep.Header.Get(protocol.HeaderTraceparent); got != "" {
+		t.Errorf("an invalid traceparent came back: %q", got)
+	}
+
+	var lines int
+	for _, l := range strings.Split(strings.TrimSpace(logs.String()), "\n") {
+		var entry struct {
+			ID          string `json:"id"`
+			Traceparent string `json:"traceparent"`
+		}
+		if json.Unmarshal([]byte(l), &entry) != nil {
+			continue
+		}
+		switch entry.ID {
+		case "traced-1":
+			lines++
+			if entry.Traceparent != tp {
+				t.Errorf("log line without the trace: %s", l)
+			}
+		case "traced-2":
+			if entry.Traceparent != "" {
+				t.Errorf("log line with an invalid trace: %s", l)
+			}
+		}
+	}
+	if lines == 0 {
+		t.Errorf("no log line about the traced run:\n%s", logs.String())
+	}
+	waitFor(t, 5*time.Second, func() error {
+		recs := records()
+		if len(recs) != 2 {
+			return fmt.Errorf("%d records", len(recs))
+		}
+		for _, r := range recs {
+			if want := map[string]string{"traced-1": tp, "traced-2": ""}[r.ID]; r.Traceparent != want {
+				t.Errorf("record of %s: traceparent %q, want %q", r.ID, r.Traceparent, want)
+			}
+		}
+		return nil
+	})
 }

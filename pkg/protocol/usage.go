@@ -98,6 +98,9 @@ type UsageRecord struct {
 	Code string `json:"code"`
 	// Time is when the worker answered.
 	Time time.Time `json:"time"`
+	// Traceparent is the request's W3C trace context (HeaderTraceparent),
+	// when it had a valid one.
+	Traceparent string `json:"traceparent,omitempty"`
 	Usage
 }
 
