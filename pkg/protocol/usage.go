@@ -44,8 +44,9 @@ type Usage struct {
 	// MemoryBytes is the resident memory (RSS) of the tenant's sandbox
 	// process (node: the agent and all its snippet threads) when the run
 	// ended, and MemoryPeakBytes its high-water mark since the sandbox
-	// started, both read by the agent from the kernel (/proc/self/status
-	// VmRSS, VmHWM). Neither is the snippet's own: Node.js has no honest
+	// started, both read by the agent's main thread from the kernel
+	// (/proc/self/statm; getrusage's ru_maxrss, never below the former).
+	// Neither is the snippet's own: Node.js has no honest
 	// per-thread figure (V8's heap statistics are readable only from the
 	// snippet's own thread, where the snippet can falsify them), and a
 	// sandbox serves one tenant only, so this is that tenant's footprint.
@@ -75,7 +76,8 @@ const (
 // decoding its body, on UsageSubject(prefix, shard): one per run, and one
 // per request refused or timed out before it ran. A redelivery that a
 // worker answers again from its reply cache (the first reply was not
-// confirmed, or its ack was lost) publishes none: the record of the first
+// confirmed, or its ack was lost), or that joins the run still in
+// progress, publishes none: the record of the first
 // answer counts. A request run twice (its worker died after the run and
 // before its ack, and another worker ran it again) has two records, one
 // from each worker, each with its own RunID.
