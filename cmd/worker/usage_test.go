@@ -74,7 +74,24 @@ func TestUsageMatchesWhatSnippetsDid(t *testing.T) {
 		t.Fatalf("throw: %v", err)
 	}
 
-	replies := map[string]*protocol.Usage{burn.ID: burn.Usage, idle.ID: idle.Usage}
+	// A snippet that burns CPU, then posts results of its own claiming
+	// none, does not change its figure: the agent reads the kernel's.
+	forged, err := e.run("usage-a", `return function (cb) {
+		const fs = require("fs");
+		const cpu = () => Number(fs.readFileSync("/proc/thread-self/schedstat", "latin1").split(" ")[0]);
+		const end = cpu() + 100e6;
+		while (cpu() < end);
+		const { parentPort } = require("worker_threads");
+		for (let id = 0; id < 64; id++) parentPort.postMessage({ t: "result", id, json: '"forged"', usage: { cpu_ns: 0, rss: 0, peak_rss: 0 }, console: "", truncated: false, recycle: true });
+	}`, isode.WithTimeout(20*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if u := forged.Usage; u == nil || u.CPUMicros < 100_000 || u.MemoryBytes == 0 {
+		t.Errorf("a snippet that burnt 100 ms of CPU and claimed none reported %+v", u)
+	}
+
+	replies := map[string]*protocol.Usage{burn.ID: burn.Usage, idle.ID: idle.Usage, forged.ID: forged.Usage}
 	var recs []protocol.UsageRecord
 	deadline := time.Now().Add(10 * time.Second)
 	for {
@@ -82,13 +99,13 @@ func TestUsageMatchesWhatSnippetsDid(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if info.State.Msgs >= 3 || time.Now().After(deadline) {
+		if info.State.Msgs >= 4 || time.Now().After(deadline) {
 			time.Sleep(200 * time.Millisecond) // nothing more comes
 			if info, err = usage.Info(ctx); err != nil {
 				t.Fatal(err)
 			}
-			if info.State.Msgs != 3 {
-				t.Fatalf("%d usage records for 3 runs", info.State.Msgs)
+			if info.State.Msgs != 4 {
+				t.Fatalf("%d usage records for 4 runs", info.State.Msgs)
 			}
 			for seq := info.State.FirstSeq; seq <= info.State.LastSeq; seq++ {
 				m, err := usage.GetMsg(ctx, seq)
@@ -115,7 +132,7 @@ func TestUsageMatchesWhatSnippetsDid(t *testing.T) {
 			t.Errorf("record of %s: %+v, its reply said %+v", r.ID, r.Usage, *want)
 		}
 	}
-	if codes[protocol.CodeOK] != 2 || codes[string(protocol.CodeCodeError)] != 1 {
+	if codes[protocol.CodeOK] != 3 || codes[string(protocol.CodeCodeError)] != 1 {
 		t.Errorf("record codes %v", codes)
 	}
 }
