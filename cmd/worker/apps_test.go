@@ -111,6 +111,7 @@ func TestApplicationsAreIsolated(t *testing.T) {
 
 	// Everything each application can see of its own inboxes, and B's
 	// attempt to see everything.
+	usage := eavesdrop(t, n.connect("ops"), "isode.usage.*")
 	seenByA := eavesdrop(t, a, "_INBOX.>")
 	seenByB := eavesdrop(t, b, "_INBOX.>")
 	if _, err := b.Subscribe(">", func(*nats.Msg) { t.Error("B's subscription to > received a message") }); err != nil {
@@ -305,6 +306,22 @@ func TestApplicationsAreIsolated(t *testing.T) {
 			quantile(during, 0.5), quantile(during, 0.99), len(during), quantile(before, 0.5), quantile(before, 0.99), len(before),
 			accepted.Load(), refused.Load())
 	})
+
+	// Usage is billed to the application that ran it, under its own key.
+	byApp := map[string]int{}
+	for _, m := range usage.seen() {
+		var rec protocol.UsageRecord
+		if err := json.Unmarshal(m.Data, &rec); err != nil {
+			t.Fatal(err)
+		}
+		if strings.Contains(rec.IsolateKey, "|") || (rec.Application == "app-a") != strings.HasPrefix(rec.ID, "a-") {
+			t.Errorf("usage record of %s: application %q, isolate key %q", rec.ID, rec.Application, rec.IsolateKey)
+		}
+		byApp[rec.Application]++
+	}
+	if byApp["app-a"] == 0 || byApp["app-b"] == 0 {
+		t.Errorf("usage records by application: %v", byApp)
+	}
 
 	// Nothing of A's reached B, and nothing of B's reached A.
 	for _, m := range seenByB.seen() {

@@ -33,9 +33,11 @@ type config struct {
 	LogLevel  string
 	LogFormat string
 	Grace     time.Duration
-	DebugAddr string        // pprof listener, "" for none
-	Heartbeat time.Duration // fleet membership heartbeat
-	MemberTTL time.Duration // fleet membership expiry
+	DebugAddr string // pprof listener, "" for none
+	// MetricsAddr is the Prometheus endpoint's listener, "" for none.
+	MetricsAddr string
+	Heartbeat   time.Duration // fleet membership heartbeat
+	MemberTTL   time.Duration // fleet membership expiry
 	// NATSConnectTimeout bounds the wait for the NATS server at start.
 	NATSConnectTimeout time.Duration
 	// ReapInterval is how often the reaper looks for sandboxes nobody
@@ -222,6 +224,7 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 	fs.str(&c.LogFormat, "log-format", "ISODE_LOG_FORMAT", "log format: json, console, or auto (console on a terminal)")
 	fs.dur(&c.Grace, "grace", "ISODE_SHUTDOWN_GRACE", "on SIGTERM, how long runs in flight may take to finish")
 	fs.str(&c.DebugAddr, "debug-addr", "ISODE_DEBUG_ADDR", "address of a pprof HTTP listener for profiling, e.g. 127.0.0.1:6060 (empty: none)")
+	fs.str(&c.MetricsAddr, "metrics-addr", "ISODE_METRICS_ADDR", "address of the Prometheus endpoint (/metrics), e.g. 127.0.0.1:9464 (empty: none)")
 	fs.dur(&c.Heartbeat, "heartbeat", "ISODE_HEARTBEAT", "fleet membership heartbeat")
 	fs.dur(&c.MemberTTL, "member-ttl", "ISODE_MEMBER_TTL", "a worker silent this long is considered gone and its shards move")
 

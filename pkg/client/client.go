@@ -169,15 +169,21 @@ type Result struct {
 	ID      string
 	Worker  string
 	RunTime time.Duration
+	// Usage is what the request cost (nil from workers that do not say).
+	Usage *protocol.Usage
+	// Traceparent is the trace context the reply carries back (see
+	// WithTraceparent).
+	Traceparent string
 }
 
 // RunOption configures one run.
 type RunOption func(*runOptions) error
 
 type runOptions struct {
-	input   json.RawMessage
-	timeout time.Duration
-	id      string
+	input       json.RawMessage
+	timeout     time.Duration
+	id          string
+	traceparent string
 }
 
 // WithInput passes JSON input to the snippet as ctx.data.
@@ -218,6 +224,19 @@ func WithRequestID(id string) RunOption {
 			return fmt.Errorf("%w: request id %q", ErrInvalidOption, id)
 		}
 		o.id = id
+		return nil
+	}
+}
+
+// WithTraceparent sends a W3C trace context (protocol.HeaderTraceparent):
+// the worker logs it with the run, and returns it on the reply
+// (Result.Traceparent) and in the run's usage record.
+func WithTraceparent(tp string) RunOption {
+	return func(o *runOptions) error {
+		if protocol.Traceparent(tp) == "" {
+			return fmt.Errorf("%w: traceparent %q is not a W3C traceparent", ErrInvalidOption, tp)
+		}
+		o.traceparent = tp
 		return nil
 	}
 }
@@ -268,11 +287,11 @@ func (c *Client) Run(ctx context.Context, isolateKey, code string, opts ...RunOp
 	if id == "" {
 		id = uuid.NewString()
 	}
-	return c.send(ctx, id, protocol.Shard(isolateKey, c.shards), deadline, data)
+	return c.send(ctx, id, protocol.Shard(isolateKey, c.shards), deadline, data, o.traceparent)
 }
 
 // send publishes one encoded request and waits for its reply.
-func (c *Client) send(ctx context.Context, id string, shard int, deadline time.Time, data []byte) (*Result, error) {
+func (c *Client) send(ctx context.Context, id string, shard int, deadline time.Time, data []byte, traceparent string) (*Result, error) {
 	cl := &call{reply: make(chan *nats.Msg, 1), ack: make(chan *nats.Msg, 1)}
 	c.mu.Lock()
 	if c.closed {
@@ -296,6 +315,9 @@ func (c *Client) send(ctx context.Context, id string, shard int, deadline time.T
 	msg.Header.Set(protocol.HeaderReplyTo, c.inbox+token+".r")
 	msg.Header.Set(protocol.HeaderDeadline, strconv.FormatInt(deadline.UnixMilli(), 10))
 	msg.Header.Set(protocol.HeaderReplyAck, "1")
+	if traceparent != "" {
+		msg.Header.Set(protocol.HeaderTraceparent, traceparent)
+	}
 	// Let the stream drop the request by itself once nobody waits for it.
 	ttl := time.Until(deadline) + c.ttlSlack
 	msg.Header.Set(jetstream.MsgTTLHeader, strconv.FormatInt(int64(ttl/time.Second)+1, 10)+"s")
@@ -352,6 +374,8 @@ func decodeReply(id string, m *nats.Msg) (*Result, error) {
 		ID:               rep.ID,
 		Worker:           rep.Worker,
 		RunTime:          time.Duration(rep.RunMicros) * time.Microsecond,
+		Usage:            rep.Usage,
+		Traceparent:      m.Header.Get(protocol.HeaderTraceparent),
 	}
 	if rep.Error != nil {
 		return res, rep.Error

@@ -94,11 +94,12 @@ func (w *Worker) call(req micro.Request) {
 		w.answerCall(replyTo, "", protocol.Errorf(protocol.CodeShuttingDown, "worker %s is stopping: retry", w.cfg.WorkerID))
 		return
 	}
+	traceparent := protocol.Traceparent(req.Headers().Get(protocol.HeaderTraceparent))
 	c.pending.Add(1)
 	go func() {
 		defer w.callers.Done()
 		defer func() { <-w.callSlots; c.pending.Add(-1) }()
-		w.queueCall(app, r, req.Data(), replyTo, deadline, taken)
+		w.queueCall(app, r, req.Data(), replyTo, deadline, taken, traceparent)
 	}()
 }
 
@@ -128,13 +129,16 @@ func (w *Worker) callSubject(app string, shard int) string {
 
 // queueCall publishes a call's request to the stream and answers the
 // caller at once when the stream does not take it.
-func (w *Worker) queueCall(app string, r *protocol.Request, body []byte, replyTo string, deadline, taken time.Time) {
+func (w *Worker) queueCall(app string, r *protocol.Request, body []byte, replyTo string, deadline, taken time.Time, traceparent string) {
 	id := uuid.NewString()
 	m := nats.NewMsg(w.callSubject(app, protocol.Shard(r.IsolateKey, w.cfg.Shards)))
 	m.Data = body
 	m.Header.Set(protocol.HeaderMsgID, id)
 	m.Header.Set(protocol.HeaderReplyTo, replyTo)
 	m.Header.Set(protocol.HeaderDeadline, strconv.FormatInt(deadline.UnixMilli(), 10))
+	if traceparent != "" {
+		m.Header.Set(protocol.HeaderTraceparent, traceparent)
+	}
 	// No Isode-Reply-Ack: a plain caller does not confirm replies.
 
 	ctx, cancel := context.WithTimeout(context.Background(), callAckTimeout)
@@ -171,7 +175,7 @@ func callRefusal(id, prefix string, err error) *protocol.Error {
 // the same reply JSON and headers as the stream's path.
 func (w *Worker) answerCall(replyTo, id string, err error) {
 	w.calls.fail(protocol.CodeOf(err))
-	hdr, data := w.encodeReply(id, err, nil, 0)
+	hdr, data := w.encodeReply(id, err, nil, 0, nil)
 	if err := w.out.publish(&nats.Msg{Subject: replyTo, Header: hdr, Data: data}); err != nil {
 		w.log.Debug().Err(err).Msg("answer a call")
 	}

@@ -110,6 +110,16 @@ type Config struct {
 	// it is answered overloaded at once.
 	MaxPendingCalls int
 
+	// OnUsage, when set, is given the usage record of every request this
+	// worker answers, when it answers (see protocol.UsageRecord): on the
+	// answering goroutine, so it must be quick and must not keep rec.
+	OnUsage func(rec *protocol.UsageRecord)
+	// Tenants bounds the tenants whose totals a worker keeps by name; the
+	// least busy of them is folded into protocol.OtherTenants when a new
+	// one comes. StatsTenants is how many, busiest first, its stats list.
+	Tenants      int
+	StatsTenants int
+
 	Logger zerolog.Logger
 }
 
@@ -139,6 +149,8 @@ func DefaultConfig() Config {
 		Heartbeat:           500 * time.Millisecond,
 		MemberTTL:           2 * time.Second,
 		MaxPendingCalls:     1024,
+		Tenants:             1000,
+		StatsTenants:        20,
 		Logger:              zerolog.Nop(),
 	}
 }
@@ -189,6 +201,10 @@ func (c *Config) Validate() error {
 		return bad("max failures", "%d is not in [1, 100]", c.MaxFailures)
 	case c.MaxQueueWait < time.Second || c.MaxQueueWait > 24*time.Hour:
 		return bad("max queue wait", "%v is not in [1s, 24h]", c.MaxQueueWait)
+	case c.Tenants < 1 || c.Tenants > 100_000:
+		return bad("tenants", "%d is not in [1, 100000]", c.Tenants)
+	case c.StatsTenants < 0 || c.StatsTenants > c.Tenants:
+		return bad("stats tenants", "%d is not in [0, tenants]", c.StatsTenants)
 	case c.MaxPendingCalls < 1:
 		return bad("max pending calls", "%d must be at least 1", c.MaxPendingCalls)
 	case c.MaxControlLine < 512 || c.MaxControlLine > 1<<20:

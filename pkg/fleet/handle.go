@@ -221,7 +221,10 @@ func (w *Worker) retryDelay(msg jetstream.Msg) time.Duration {
 
 // encodeReply builds the reply to a request and its headers. A reply that
 // would not fit in one NATS message becomes an output_too_large error.
-func (w *Worker) encodeReply(id string, runErr error, res *protocol.Result, runTime time.Duration) (nats.Header, []byte) {
+//
+// u, when set, is the request's usage: it is added to the reply, and its
+// BytesOut set to the size of the reply without it.
+func (w *Worker) encodeReply(id string, runErr error, res *protocol.Result, runTime time.Duration, u *protocol.Usage) (nats.Header, []byte) {
 	rep := protocol.Reply{V: protocol.Version, ID: id, Worker: w.cfg.WorkerID, RunMicros: runTime.Microseconds()}
 	if res != nil {
 		rep.Console, rep.ConsoleTruncated = res.Console, res.ConsoleTruncated
@@ -239,12 +242,14 @@ func (w *Worker) encodeReply(id string, runErr error, res *protocol.Result, runT
 			Error: protocol.Errorf(protocol.CodeInternal, "encode reply: %v", err)}
 		data, _ = json.Marshal(&rep)
 	}
+	data = withUsage(data, u)
 	hdr := replyHeader(id, rep.Error)
 	if room := w.out.room(hdr); len(data) > room {
 		size := len(data)
 		rep.Result, rep.Console, rep.ConsoleTruncated = nil, "", false
 		rep.Error = protocol.Errorf(protocol.CodeOutputTooLarge, "the reply is %d bytes, over this NATS server's message limit", size)
 		data, _ = json.Marshal(&rep)
+		data = withUsage(data, u)
 		hdr = replyHeader(id, rep.Error)
 	}
 	return hdr, data

@@ -52,6 +52,7 @@ type Worker struct {
 	confirm *confirmations
 	out     *outbox
 	ledger  *ledger // set by Start
+	tenants *tenantTable
 
 	// runCtx bounds handlers; cancelled only by Abort.
 	runCtx    context.Context
@@ -114,6 +115,7 @@ func New(nc *nats.Conn, run Runner, stats StatsFunc, cfg Config) (*Worker, error
 		inflight:  make(map[string]chan struct{}),
 		progress:  make(map[*tracked]struct{}),
 		callSlots: make(chan struct{}, cfg.MaxPendingCalls),
+		tenants:   newTenantTable(cfg.Tenants),
 	}
 	w.runCtx, w.runCancel = context.WithCancel(context.Background())
 	w.bgCancel = func() {}
@@ -344,5 +346,6 @@ func (w *Worker) workerStats() protocol.WorkerStats {
 		Shards:   w.Owned(),
 		InFlight: w.gate.count(),
 		Pool:     w.stats(),
+		Tenants:  w.tenants.top(w.cfg.StatsTenants),
 	}
 }

@@ -158,6 +158,7 @@ type waiter struct {
 	elem  *list.Element
 	ready chan struct{} // closed once e or err is set
 	e     *entry
+	kind  grantKind // how e was granted
 	err   error
 }
 
@@ -216,25 +217,52 @@ func (p *Pool) Config() Config { return p.cfg }
 // deadline passed while it waited, an error wrapping ErrCreateFailed when
 // its tenant's sandbox could not be created, and ctx.Err() (wrapped) when
 // ctx was cancelled while it waited. Errors of Sandbox.Run are returned
-// unchanged, with its Result.
+// unchanged, with its Result (an empty one when the sandbox gave none).
+//
+// The Result's Usage says how the request got its sandbox (Start) and how
+// long it waited for it (PoolMicros), on top of what the sandbox measured.
 func (p *Pool) Run(ctx context.Context, req *protocol.Request) (*protocol.Result, error) {
 	if req.IsolateKey == "" {
 		return nil, protocol.Errorf(protocol.CodeBadRequest, "isolate_key is empty: name the tenant the code belongs to")
 	}
-	e, err := p.acquire(ctx, req.IsolateKey)
+	began := time.Now()
+	e, kind, err := p.acquire(ctx, req.IsolateKey)
 	if err != nil {
 		return nil, err
 	}
+	waited := time.Since(began)
 	defer p.release(e)
-	return e.sb.Run(ctx, req)
+	res, err := e.sb.Run(ctx, req)
+	if res == nil {
+		// The run failed without an answer (its sandbox died): it still
+		// ran, and its usage says how it got its sandbox.
+		res = &protocol.Result{}
+	}
+	res.Usage.Start = kind.String()
+	res.Usage.PoolMicros = waited.Microseconds()
+	return res, err
 }
 
-// acquire returns a sandbox of tenant key with one run counted in flight.
-func (p *Pool) acquire(ctx context.Context, key string) (*entry, error) {
+// String is how a grant is named in protocol.Usage.Start.
+func (k grantKind) String() string {
+	switch k {
+	case grantHit:
+		return protocol.StartWarm
+	case grantPoolHit:
+		return protocol.StartPool
+	case grantColdStart:
+		return protocol.StartCold
+	}
+	return ""
+}
+
+// acquire returns a sandbox of tenant key with one run counted in flight,
+// and how it was granted.
+func (p *Pool) acquire(ctx context.Context, key string) (*entry, grantKind, error) {
 	p.mu.Lock()
 	if p.closed {
 		p.mu.Unlock()
-		return nil, ErrClosed
+		return nil, 0, ErrClosed
 	}
 	t := p.tenants[key]
 	if t != nil && t.box != nil && p.gone(t.box) {
@@ -245,7 +273,7 @@ func (p *Pool) acquire(ctx context.Context, key string) (*entry, error) {
 		e := t.box
 		p.take(e, grantHit)
 		p.mu.Unlock()
-		return e, nil
+		return e, grantHit, nil
 	}
 	if t == nil {
 		t = &tenant{key: key}
@@ -260,20 +288,20 @@ func (p *Pool) acquire(ctx context.Context, key string) (*entry, error) {
 			p.deferRefill()
 			p.dispatch()
 			p.mu.Unlock()
-			return e, nil
+			return e, grantPoolHit, nil
 		}
 	}
 	if t.waiters.Len() >= p.cfg.TenantQueueSize {
 		p.stats.Rejections++
 		p.forget(t)
 		p.mu.Unlock()
-		return nil, ErrTenantQueueFull
+		return nil, 0, ErrTenantQueueFull
 	}
 	if p.overShare(t) || p.queued >= p.cfg.QueueSize && !p.makeRoom(t) {
 		p.stats.Rejections++
 		p.forget(t)
 		p.mu.Unlock()
-		return nil, ErrQueueFull
+		return nil, 0, ErrQueueFull
 	}
 	w := &waiter{t: t, ready: make(chan struct{})}
 	p.enqueue(w)
@@ -289,12 +317,12 @@ func (p *Pool) acquire(ctx context.Context, key string) (*entry, error) {
 }
 
 // wait blocks until w is granted or failed, ctx is done or timer fires.
-func (p *Pool) wait(ctx context.Context, w *waiter, timer Timer) (*entry, error) {
+func (p *Pool) wait(ctx context.Context, w *waiter, timer Timer) (*entry, grantKind, error) {
 	defer timer.Stop()
 	var err error
 	select {
 	case <-w.ready:
-		return w.e, w.err
+		return w.e, w.kind, w.err
 	case <-ctx.Done():
 		err = ctx.Err()
 		if errors.Is(err, context.DeadlineExceeded) {
@@ -311,14 +339,14 @@ func (p *Pool) wait(ctx context.Context, w *waiter, timer Timer) (*entry, error)
 		// Granted or failed meanwhile.
 		if w.err != nil {
 			p.mu.Unlock()
-			return nil, w.err
+			return nil, 0, w.err
 		}
 		if err == ErrQueueTimeout {
 			p.stats.QueueTimeouts++
 		}
 		p.mu.Unlock()
 		p.release(w.e)
-		return nil, err
+		return nil, 0, err
 	default:
 	}
 	p.dequeue(w)
@@ -327,7 +355,7 @@ func (p *Pool) wait(ctx context.Context, w *waiter, timer Timer) (*entry, error)
 		p.stats.QueueTimeouts++
 	}
 	p.mu.Unlock()
-	return nil, err
+	return nil, 0, err
 }
 
 // release ends one run in e.
@@ -403,6 +431,7 @@ func (p *Pool) serve(t *tenant, kind grantKind) {
 		w.elem = nil
 		p.unqueue(t)
 		w.e = t.box
+		w.kind = kind
 		p.take(t.box, kind)
 		close(w.ready)
 	}
@@ -735,6 +764,14 @@ func (p *Pool) died(e *entry) {
 		return
 	}
 	p.stats.Deaths++
+	cause := protocol.CodeInternal
+	if pe := protocol.AsError(e.sb.Err()); pe != nil {
+		cause = pe.Code
+	}
+	if p.stats.deathCauses == nil {
+		p.stats.deathCauses = make(map[protocol.Code]uint64)
+	}
+	p.stats.deathCauses[cause]++
 	ev := p.log.Warn().Str("sandbox", e.sb.ID()).Int("in_flight", e.inflight)
 	if e.tenant != nil {
 		ev = ev.Str("tenant", e.tenant.key)

@@ -136,9 +136,9 @@ func ParseStreamSubject(prefix, subject string) (Route, bool) {
 // its application. The implicit application's tenants keep their isolate
 // key as it is; another application's are "<app>|<key>" ('|' is in
 // neither an application's name nor an isolate key, so two applications'
-// equal keys never meet).
+// equal keys never meet). An empty app is the implicit application.
 func TenantKey(app, isolateKey string) string {
-	if app == DefaultApplication {
+	if app == DefaultApplication || app == "" {
 		return isolateKey
 	}
 	return app + "|" + isolateKey
