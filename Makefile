@@ -103,6 +103,16 @@ compose-down:
 compose-demo: images
 	ISODE_SKIP_BUILD=1 WORKERS=$(WORKERS) ./scripts/compose-demo.sh
 
+# The cluster deployment (deploy/README.md, "A NATS cluster"): three
+# clustered NATS servers, the stream and buckets replicated on all three,
+# and WORKERS workers; cluster-down leaves nothing behind.
+.PHONY: cluster-up cluster-down
+cluster-up: images
+	./scripts/cluster.sh up -d --scale worker=$(WORKERS)
+
+cluster-down:
+	./scripts/cluster.sh down -v --remove-orphans -t 30
+
 # Removes every container isode made on this engine (running or not).
 clean:
 	-docker ps -aq --filter label=io.isode.app=isode | xargs -r docker rm -f
