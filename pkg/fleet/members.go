@@ -52,7 +52,7 @@ func (w *Worker) membersBucket(ctx context.Context) (jetstream.KeyValue, error) 
 		}
 	}
 	if err != nil {
-		return nil, fmt.Errorf("members bucket %s: %w", cfg.Bucket, err)
+		return nil, fmt.Errorf("members bucket %s: %w", cfg.Bucket, replicasRefusal(err, "KV_"+cfg.Bucket, cfg.Replicas))
 	}
 	return kv, nil
 }
