@@ -146,11 +146,42 @@ func (w *Worker) membership(ctx context.Context, kv jetstream.KeyValue, ready ch
 		}
 		lastBeat = time.Now()
 	}
+	frozen := false // the view is held while the bucket cannot be written
 	reconcile := func() {
 		now := time.Now()
-		// We serve only while we are sure the others still count us in:
-		// connected, and our last put young enough that it has not expired.
-		selfAlive := w.nc.IsConnected() && now.Sub(lastBeat) < w.cfg.MemberTTL-w.cfg.Heartbeat
+		// We count ourselves in while the others surely do: connected,
+		// and our last put young enough that it has not expired.
+		reachable := w.nc.IsConnected() && now.Sub(lastBeat) < w.cfg.MemberTTL-w.cfg.Heartbeat
+		if !first && !reachable && !w.nc.IsClosed() {
+			// Our heartbeats fail, or we are reconnecting: the members
+			// bucket has no leader for the moment (a NATS server died or
+			// is cut off, and every worker is in the same boat), or this
+			// worker is cut off. Either way the puts of the others do not
+			// reach us either, so expiring them, or ourselves, would be
+			// believing a stale view: every worker would drop its shards,
+			// or take all of them. Hold the last view instead. If we are
+			// the one cut off, the others expire us and take our shards;
+			// two pullers of a shard for a while cost affinity, not
+			// answers (see above).
+			if !frozen {
+				frozen = true
+				log.Warn().Strs("members", current).Int("shards", len(owned)).
+					Msg("cannot announce this worker: holding the last view of the fleet until the members bucket answers")
+				w.view.Store(&memberView{live: current, sure: false})
+			}
+			return
+		}
+		if frozen && reachable {
+			// Heard again: every member we knew gets a full TTL to show
+			// up before it is taken for dead.
+			frozen = false
+			for m := range seen {
+				seen[m] = now
+			}
+			log.Info().Msg("the members bucket answers again")
+		}
+		// A connection closed for good: we serve nothing.
+		selfAlive := reachable
 		live := []string{}
 		for m, t := range seen {
 			switch {
