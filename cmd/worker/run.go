@@ -234,6 +234,11 @@ func poolStats(s pool.Stats) protocol.PoolStats {
 	}
 }
 
+// natsPingInterval is how often the worker pings its NATS server; the
+// connection is given up (and another server of the cluster tried) after
+// two unanswered pings.
+const natsPingInterval = 2 * time.Second
+
 // Errors of the worker's NATS connection.
 var (
 	// errNATSUnreachable: no NATS server was reachable within
@@ -277,6 +282,12 @@ func connectNATS(ctx context.Context, natsURL string, embedded *server.Server, c
 		nats.RetryOnFailedConnect(true),
 		nats.MaxReconnects(-1),
 		nats.ReconnectWait(250 * time.Millisecond),
+		// A server cut off by the network sends no error: only missed
+		// pongs tell. nats.go's default (a ping every 2 minutes, two
+		// missed) left a worker attached to a partitioned server for
+		// minutes; this way it moves to another server of the cluster
+		// within about 6 s.
+		nats.PingInterval(natsPingInterval),
 		nats.ConnectHandler(func(nc *nats.Conn) {
 			log.Info().Str("url", redactURLs(nc.ConnectedUrl())).Msg("connected to NATS")
 			connectOnce.Do(func() { close(connected) })
