@@ -288,6 +288,10 @@ func connectNATS(ctx context.Context, natsURL string, embedded *server.Server, c
 		// minutes; this way it moves to another server of the cluster
 		// within about 6 s.
 		nats.PingInterval(natsPingInterval),
+		// The same for writes: the flusher holds the connection's lock
+		// while it writes, pings included, so a write stuck on a dead
+		// peer (nats.go waits a minute by default) also hid it for that long.
+		nats.FlusherTimeout(2 * natsPingInterval),
 		nats.ConnectHandler(func(nc *nats.Conn) {
 			log.Info().Str("url", redactURLs(nc.ConnectedUrl())).Msg("connected to NATS")
 			connectOnce.Do(func() { close(connected) })
