@@ -224,6 +224,8 @@ func (w *Worker) membership(ctx context.Context, kv jetstream.KeyValue, ready ch
 	}
 
 	var watcher jetstream.KeyWatcher
+	// When the watch last showed one of our own puts (or began).
+	var watchedSelf time.Time
 	defer func() {
 		if watcher != nil {
 			watcher.Stop()
@@ -242,6 +244,7 @@ func (w *Worker) membership(ctx context.Context, kv jetstream.KeyValue, ready ch
 			return
 		}
 		watcher, updates = wt, wt.Updates()
+		watchedSelf = time.Now()
 	}
 
 	beat()
@@ -275,7 +278,14 @@ func (w *Worker) membership(ctx context.Context, kv jetstream.KeyValue, ready ch
 				if initial && e.Created().Before(at) {
 					at = e.Created()
 				}
-				seen[e.Key()] = at
+				// Never back in time: a replay may date a key earlier
+				// than a put already seen, or than a hold's grace.
+				if at.After(seen[e.Key()]) {
+					seen[e.Key()] = at
+				}
+				if e.Key() == self {
+					watchedSelf = time.Now()
+				}
 			default:
 				delete(seen, e.Key())
 			}
@@ -294,6 +304,16 @@ func (w *Worker) membership(ctx context.Context, kv jetstream.KeyValue, ready ch
 			}
 			if updates == nil {
 				watch()
+				initial = updates != nil
+			}
+			// Our puts are stored but the watch has not shown one for
+			// half a member TTL: its consumer was on a server that died
+			// (the watcher would notice only after missed heartbeats,
+			// while the others' entries expire here). Watch afresh.
+			if updates != nil && lastBeat.Sub(watchedSelf) > w.cfg.MemberTTL/2 {
+				log.Info().Msg("the members watch shows nothing: watching afresh")
+				watch()
+				initial = updates != nil
 			}
 			if !time.Now().Before(nextBeat) {
 				beat()

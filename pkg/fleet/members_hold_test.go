@@ -66,3 +66,50 @@ func TestMembershipHoldsWhileTheBucketRefusesPuts(t *testing.T) {
 		}
 	}
 }
+
+// The members watch is a consumer on one server; when that server dies the
+// watch goes quiet while puts go on, and the watcher notices only after
+// missed heartbeats. Meanwhile every other member's entry expired in each
+// worker's view: each took all 64 shards. A worker that does not see its
+// own puts come back watches afresh, before the others' entries expire.
+func TestMembershipWatchesAfreshWhenTheWatchGoesQuiet(t *testing.T) {
+	e := newEnv(t)
+	workers := map[string]*fleet.Worker{}
+	for _, id := range []string{"w1", "w2", "w3"} {
+		workers[id] = startWorker(t, e, echo, fleetConfig(id))
+	}
+	before := steady(t, workers, 64)
+
+	js, _ := jetstream.New(e.nc)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	bucket, err := js.Stream(ctx, "KV_"+protocol.MembersBucket(protocol.DefaultPrefix))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The watches' consumers vanish, as with the server that held them.
+	names := bucket.ConsumerNames(ctx)
+	n := 0
+	for name := range names.Name() {
+		if err := bucket.DeleteConsumer(ctx, name); err != nil {
+			t.Fatalf("delete consumer %s: %v", name, err)
+		}
+		n++
+	}
+	if n < 3 {
+		t.Fatalf("deleted %d watch consumers, want one per worker", n)
+	}
+	deadline := time.Now().Add(3 * fleetConfig("x").MemberTTL)
+	for time.Now().Before(deadline) {
+		now, err := ownership(workers, 64)
+		if err != nil {
+			t.Fatalf("after the watches vanished: %v", err)
+		}
+		for s, o := range now {
+			if before[s] != o {
+				t.Fatalf("after the watches vanished, shard %d moved from %s to %s", s, before[s], o)
+			}
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
