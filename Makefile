@@ -113,6 +113,14 @@ cluster-up: images
 cluster-down:
 	./scripts/cluster.sh down -v --remove-orphans -t 30
 
+# The fault suite on the cluster deployment (deploy/cluster_test.go): kills,
+# restarts and partitions under a bystander load; zero accepted requests
+# lost. It prints the fault table of deploy/README.md. About 8 minutes.
+CLUSTER_TEST_TIMEOUT ?= 15m
+.PHONY: test-cluster
+test-cluster: sandbox-image static-cache
+	ISODE_CLUSTER_SUITE=1 $(GO) test -race -count=1 -timeout $(CLUSTER_TEST_TIMEOUT) -run '^TestClusterFaults$$' -v ./deploy/
+
 # Removes every container isode made on this engine (running or not).
 clean:
 	-docker ps -aq --filter label=io.isode.app=isode | xargs -r docker rm -f
