@@ -127,7 +127,9 @@ func (w *Worker) membership(ctx context.Context, kv jetstream.KeyValue, ready ch
 	value, _ := json.Marshal(member{ID: self, Started: w.start})
 	seen := map[string]time.Time{} // member -> when its last put arrived here
 	var lastBeat time.Time         // our last successful put
-	var current []string           // live set last reconciled
+	var watchedSelf time.Time      // when the watch last showed our own put (or began)
+	var watcher jetstream.KeyWatcher
+	var current []string // live set last reconciled
 	var owned []int
 	first := true
 	var updates <-chan jetstream.KeyValueEntry
@@ -150,23 +152,27 @@ func (w *Worker) membership(ctx context.Context, kv jetstream.KeyValue, ready ch
 	reconcile := func() {
 		now := time.Now()
 		// We count ourselves in while the others surely do: connected,
-		// and our last put young enough that it has not expired.
-		reachable := w.nc.IsConnected() && now.Sub(lastBeat) < w.cfg.MemberTTL-w.cfg.Heartbeat
+		// and our last put young enough that it has not expired. And our
+		// view is current while the watch shows our own puts: then it
+		// shows the others' too.
+		limit := w.cfg.MemberTTL - w.cfg.Heartbeat
+		reachable := w.nc.IsConnected() && now.Sub(lastBeat) < limit && now.Sub(watchedSelf) < limit
 		if !first && !reachable && !w.nc.IsClosed() {
-			// Our heartbeats fail, or we are reconnecting: the members
-			// bucket has no leader for the moment (a NATS server died or
-			// is cut off, and every worker is in the same boat), or this
-			// worker is cut off. Either way the puts of the others do not
-			// reach us either, so expiring them, or ourselves, would be
-			// believing a stale view: every worker would drop its shards,
-			// or take all of them. Hold the last view instead. If we are
-			// the one cut off, the others expire us and take our shards;
-			// two pullers of a shard for a while cost affinity, not
-			// answers (see above).
+			// Our heartbeats fail, we are reconnecting, or the watch has
+			// gone quiet: the members bucket has no leader for the moment
+			// (a NATS server died or is cut off, and every worker is in
+			// the same boat), the watch's consumer was on a server that
+			// died, or this worker is cut off. Either way the puts of the
+			// others do not reach us, so expiring them, or ourselves,
+			// would be believing a stale view: every worker would drop its
+			// shards, or take all of them. Hold the last view instead. If
+			// we are the one cut off, the others expire us and take our
+			// shards; two pullers of a shard for a while cost affinity,
+			// not answers (see above).
 			if !frozen {
 				frozen = true
 				log.Warn().Strs("members", current).Int("shards", len(owned)).
-					Msg("cannot announce this worker: holding the last view of the fleet until the members bucket answers")
+					Msg("cannot announce this worker or hear the others: holding the last view of the fleet")
 				w.view.Store(&memberView{live: current, sure: false})
 			}
 			return
@@ -178,7 +184,7 @@ func (w *Worker) membership(ctx context.Context, kv jetstream.KeyValue, ready ch
 			for m := range seen {
 				seen[m] = now
 			}
-			log.Info().Msg("the members bucket answers again")
+			log.Info().Msg("the members bucket answers again: the view is live")
 		}
 		// A connection closed for good: we serve nothing.
 		selfAlive := reachable
@@ -223,9 +229,6 @@ func (w *Worker) membership(ctx context.Context, kv jetstream.KeyValue, ready ch
 		}
 	}
 
-	var watcher jetstream.KeyWatcher
-	// When the watch last showed one of our own puts (or began).
-	var watchedSelf time.Time
 	defer func() {
 		if watcher != nil {
 			watcher.Stop()
@@ -306,11 +309,11 @@ func (w *Worker) membership(ctx context.Context, kv jetstream.KeyValue, ready ch
 				watch()
 				initial = updates != nil
 			}
-			// Our puts are stored but the watch has not shown one for
-			// half a member TTL: its consumer was on a server that died
-			// (the watcher would notice only after missed heartbeats,
-			// while the others' entries expire here). Watch afresh.
-			if updates != nil && lastBeat.Sub(watchedSelf) > w.cfg.MemberTTL/2 {
+			// Our puts are stored but the watch has not shown one for a
+			// member TTL: its consumer was on a server that died, and the
+			// watcher would notice only after missed heartbeats (the view
+			// is held meanwhile, see reconcile). Watch afresh.
+			if updates != nil && lastBeat.Sub(watchedSelf) > w.cfg.MemberTTL {
 				log.Info().Msg("the members watch shows nothing: watching afresh")
 				watch()
 				initial = updates != nil

@@ -71,7 +71,8 @@ func TestMembershipHoldsWhileTheBucketRefusesPuts(t *testing.T) {
 // watch goes quiet while puts go on, and the watcher notices only after
 // missed heartbeats. Meanwhile every other member's entry expired in each
 // worker's view: each took all 64 shards. A worker that does not see its
-// own puts come back watches afresh, before the others' entries expire.
+// own puts come back holds its view and watches afresh, and then sees the
+// fleet change again.
 func TestMembershipWatchesAfreshWhenTheWatchGoesQuiet(t *testing.T) {
 	e := newEnv(t)
 	workers := map[string]*fleet.Worker{}
@@ -112,4 +113,8 @@ func TestMembershipWatchesAfreshWhenTheWatchGoesQuiet(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+	// Watching again: a worker that leaves is seen to leave.
+	workers["w3"].StopPulling()
+	delete(workers, "w3")
+	steady(t, workers, 64)
 }
