@@ -145,6 +145,7 @@ func TestClusterFaults(t *testing.T) {
 		r := l.report(w)
 		fmt.Fprintf(&table, "| %s (%s) | %d | %d | %d | %.1f s | %v | %v |\n", w.name, w.detail, r.accepted, r.lost,
 			r.duplicates, r.outage.Seconds(), r.p99Before.Round(time.Millisecond), r.p99During.Round(time.Millisecond))
+		t.Logf("%s: longest outage: %s", w.name, r.outageOf)
 		if r.lost > 0 {
 			t.Errorf("%s: %d accepted requests were never answered: %v", w.name, r.lost, r.lostIDs)
 		}
@@ -589,7 +590,8 @@ func (l *load) waitSettled(t *testing.T, d time.Duration) {
 type request struct {
 	id, tenant string
 	sent, done time.Time
-	accepted   bool // the stream stored it (as far as the client knows)
+	worker     string // that answered
+	accepted   bool   // the stream stored it (as far as the client knows)
 	answered   bool
 	ok         bool // answered with the right value
 	wrong      bool
@@ -655,6 +657,9 @@ func (l *load) caller(n int) {
 		cancel()
 		r.done = time.Now()
 		r.answered = res != nil
+		if res != nil {
+			r.worker = res.Worker
+		}
 		r.accepted = r.answered || errors.Is(err, isode.ErrNoReply)
 		r.ok = err == nil && res != nil && string(res.Value) == fmt.Sprint(k)
 		r.wrong = err == nil && res != nil && !r.ok
@@ -717,6 +722,7 @@ type faultReport struct {
 	accepted, lost, duplicates, wrong int
 	lostIDs                           []string
 	outage                            time.Duration
+	outageOf                          string // the tenant, when, and who served it before and after
 	p99Before, p99During              time.Duration
 }
 
@@ -728,7 +734,7 @@ func (l *load) report(w *faultWindow) faultReport {
 	defer l.mu.Unlock()
 	var r faultReport
 	var before, during []time.Duration
-	completions := map[string][]time.Time{}
+	completions := map[string][]*request{}
 	for _, q := range l.reqs {
 		switch {
 		case !q.sent.Before(w.before) && q.sent.Before(w.start):
@@ -737,7 +743,7 @@ func (l *load) report(w *faultWindow) faultReport {
 			during = append(during, q.done.Sub(q.sent))
 		}
 		if q.ok && !q.done.Before(w.start) && !q.done.After(w.end) {
-			completions[q.tenant] = append(completions[q.tenant], q.done)
+			completions[q.tenant] = append(completions[q.tenant], q)
 		}
 		if q.sent.Before(w.start) || !q.sent.Before(w.end) {
 			continue
@@ -761,18 +767,22 @@ func (l *load) report(w *faultWindow) faultReport {
 		}
 	}
 	for k := range suiteTenants {
-		times := completions[fmt.Sprintf("tenant-%02d", k)]
-		sort.Slice(times, func(i, j int) bool { return times[i].Before(times[j]) })
-		prev := w.start
-		gap := time.Duration(0)
-		for _, at := range append(times, w.healthy) {
+		tenant := fmt.Sprintf("tenant-%02d", k)
+		done := completions[tenant]
+		sort.Slice(done, func(i, j int) bool { return done[i].done.Before(done[j].done) })
+		prev, prevBy := w.start, "?"
+		for _, q := range append(done, &request{done: w.healthy, worker: "(steady)"}) {
+			at := q.done
 			if at.After(w.healthy) {
 				at = w.healthy
 			}
-			gap = max(gap, at.Sub(prev))
-			prev = at
+			if gap := at.Sub(prev); gap > r.outage {
+				r.outage = gap
+				r.outageOf = fmt.Sprintf("%s from +%.1fs (served by %s) to +%.1fs (by %s)", tenant,
+					prev.Sub(w.start).Seconds(), prevBy, at.Sub(w.start).Seconds(), q.worker)
+			}
+			prev, prevBy = at, q.worker
 		}
-		r.outage = max(r.outage, gap)
 	}
 	r.p99Before, r.p99During = p99(before), p99(during)
 	return r
