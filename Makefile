@@ -115,7 +115,7 @@ cluster-down:
 
 # The fault suite on the cluster deployment (deploy/cluster_test.go): kills,
 # restarts and partitions under a bystander load; zero accepted requests
-# lost. It prints the fault table of deploy/README.md. About 8 minutes.
+# lost. It prints the fault table of deploy/README.md. 3-5 minutes here.
 CLUSTER_TEST_TIMEOUT ?= 15m
 .PHONY: test-cluster
 test-cluster: sandbox-image static-cache
