@@ -4,7 +4,9 @@
 # Creates deploy/.env with random passwords on first use.
 #   scripts/compose.sh up -d --scale worker=3
 #   scripts/compose.sh down -v --remove-orphans
-# ISODE_COMPOSE_PROJECT names the project (default: isode).
+# ISODE_COMPOSE_PROJECT names the project (default: isode);
+# ISODE_COMPOSE_FILES lists the files in deploy/ (default: compose.yaml;
+# scripts/cluster.sh gives compose.cluster.yaml).
 set -euo pipefail
 cd "$(dirname "$0")/../deploy"
 
@@ -33,4 +35,6 @@ if [[ ! -f .env && -z "${ISODE_APP_A_PASSWORD:-}${ISODE_APP_B_PASSWORD:-}${ISODE
 	echo "created deploy/.env with random NATS passwords" >&2
 fi
 
-exec "${compose[@]}" -p "${ISODE_COMPOSE_PROJECT:-isode}" -f compose.yaml "$@"
+files=()
+for f in ${ISODE_COMPOSE_FILES:-compose.yaml}; do files+=(-f "$f"); done
+exec "${compose[@]}" -p "${ISODE_COMPOSE_PROJECT:-isode}" "${files[@]}" "$@"

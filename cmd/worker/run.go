@@ -275,6 +275,11 @@ func poolGauges(s pool.Stats) metrics.Pool {
 	return g
 }
 
+// natsPingInterval is how often the worker pings its NATS server; the
+// connection is given up (and another server of the cluster tried) after
+// two unanswered pings.
+const natsPingInterval = 2 * time.Second
+
 // Errors of the worker's NATS connection.
 var (
 	// errNATSUnreachable: no NATS server was reachable within
@@ -318,6 +323,16 @@ func connectNATS(ctx context.Context, natsURL string, embedded *server.Server, c
 		nats.RetryOnFailedConnect(true),
 		nats.MaxReconnects(-1),
 		nats.ReconnectWait(250 * time.Millisecond),
+		// A server cut off by the network sends no error: only missed
+		// pongs tell. nats.go's default (a ping every 2 minutes, two
+		// missed) left a worker attached to a partitioned server for
+		// minutes; this way it moves to another server of the cluster
+		// within about 6 s.
+		nats.PingInterval(natsPingInterval),
+		// The same for writes: the flusher holds the connection's lock
+		// while it writes, pings included, so a write stuck on a dead
+		// peer (nats.go waits a minute by default) also hid it for that long.
+		nats.FlusherTimeout(2 * natsPingInterval),
 		nats.ConnectHandler(func(nc *nats.Conn) {
 			log.Info().Str("url", redactURLs(nc.ConnectedUrl())).Msg("connected to NATS")
 			connectOnce.Do(func() { close(connected) })

@@ -25,6 +25,36 @@ const (
 // retention).
 var ErrIncompatibleStream = errors.New("incompatible request stream")
 
+// ErrReplicas is returned when the NATS deployment cannot hold the
+// configured number of replicas (Config.StreamReplicas) of the request
+// stream or of a bucket: a single server asked for more than one, or a
+// cluster with fewer JetStream servers than replicas.
+var ErrReplicas = errors.New("NATS cannot hold the configured replicas")
+
+// JetStream error codes of a stream's creation that mean its replicas
+// cannot be placed (nats-server's server/errors.json).
+const (
+	errCodeReplicasNotSupported jetstream.ErrorCode = 10074 // JSStreamReplicasNotSupportedErr: a single server
+	errCodeClusterNoPeers       jetstream.ErrorCode = 10005 // JSClusterNoPeersErrF: no suitable peers for placement
+	errCodeInsufficientRes      jetstream.ErrorCode = 10023 // JSInsufficientResourcesErr
+)
+
+// replicasRefusal turns the server's refusal to place a stream's replicas
+// into ErrReplicas with what to do about it; other errors are returned as
+// they are.
+func replicasRefusal(err error, stream string, replicas int) error {
+	var apiErr *jetstream.APIError
+	if !errors.As(err, &apiErr) {
+		return err
+	}
+	switch apiErr.ErrorCode {
+	case errCodeReplicasNotSupported, errCodeClusterNoPeers, errCodeInsufficientRes:
+		return fmt.Errorf("%w: stream %s with %d replicas: the server says %q: connect to a NATS cluster with at least %d JetStream servers, or lower --stream-replicas",
+			ErrReplicas, stream, replicas, apiErr.Description, replicas)
+	}
+	return err
+}
+
 func (c *Config) streamConfig() jetstream.StreamConfig {
 	storage := jetstream.FileStorage
 	if c.StreamMemory {
@@ -73,7 +103,7 @@ func ensureStream(ctx context.Context, js jetstream.JetStream, c *Config) (jetst
 			return s, nil
 		}
 		if !errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
-			return nil, fmt.Errorf("create stream %s: %w", want.Name, err)
+			return nil, fmt.Errorf("create stream %s: %w", want.Name, replicasRefusal(err, want.Name, want.Replicas))
 		}
 		s, err = js.Stream(ctx, want.Name) // another worker made it meanwhile
 	}
@@ -89,6 +119,12 @@ func ensureStream(ctx context.Context, js jetstream.JetStream, c *Config) (jetst
 	case have.Metadata[metaShards] != want.Metadata[metaShards]:
 		return nil, fmt.Errorf("%w: stream %s was made for %q shards, this worker is configured for %d: every worker and client of a deployment must use the same shard count",
 			ErrIncompatibleStream, want.Name, have.Metadata[metaShards], c.Shards)
+	}
+	if have.Replicas != want.Replicas {
+		// An operator's choice, or a stream made before the cluster was:
+		// left as it is, and said.
+		c.Logger.Warn().Str("stream", want.Name).Int("replicas", have.Replicas).Int("configured", want.Replicas).
+			Msg("the request stream exists with another replica count; it is left as it is (nats stream edit --replicas changes it)")
 	}
 	// A stream made by an older worker: add what this one relies on,
 	// leaving the operator's other settings as they are.
