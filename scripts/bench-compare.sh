@@ -6,7 +6,8 @@
 #   scripts/bench-compare.sh BASE [SUBMIT BENCH ARGS...]
 # BASE is checked out in a worktree under /tmp (kept for the next run) and
 # its worker built there. BENCH_WORKER holds the worker's flags. Prints one
-# line per measurement and the new/base ratios of each round.
+# line per measurement and the new/base ratios of each round; OUT names a
+# directory that keeps each measurement's JSON report (side-round.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 base=${1:?usage: scripts/bench-compare.sh BASE [SUBMIT BENCH ARGS...]}
@@ -22,8 +23,13 @@ CGO_ENABLED=0 go build -trimpath -o "$BIN/" ./cmd/worker ./cmd/submit
 ROUNDS=${ROUNDS:-2}
 BENCH_WORKER=${BENCH_WORKER:---low 4 --high 64}
 [ $# -gt 0 ] || set -- --scenario warm --tenants 50 --concurrency 32 --duration 15s
-out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
+if [ -n "${OUT:-}" ]; then
+	out=$OUT
+	mkdir -p "$out"
+else
+	out=$(mktemp -d)
+	trap 'rm -rf "$out"' EXIT
+fi
 
 summary='. as $r | .results[-1] as $w
   | [($w.per_second|floor), $w.latency_us.p50, $w.latency_us.p99,
