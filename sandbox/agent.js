@@ -65,9 +65,8 @@ const DEFAULTS = {
   modulePaths: [],
   stuckMs: 5000,
   onStuck: () => {},
-  // sweep, when set, is called whenever the agent is left with no request
-  // in flight, and again idleSweepMs after each call that returns true (or
-  // while a worker thread is being stopped), while still idle: it kills
+  // sweep, when set, is called once the agent has had no request in flight
+  // for idleSweepMs, and again after each call that returns true: it kills
   // what snippets left running (see killLeftovers).
   sweep: null,
   idleSweepMs: 100,
@@ -370,15 +369,13 @@ class Agent {
         if (req === null || m.id !== req.id || slot.state !== 'busy') return; // stale or forged
         slot.req = null;
         req.slot = null;
-        // Retired before the reply is sent, so that the sweep of an agent
-        // this leaves idle knows a thread is still being stopped.
+        this.finish(req, resultReply(req, m));
         if (m.recycle === true) {
           this.retire(slot);
         } else {
           slot.state = 'idle';
           slot.idleSince = Date.now();
         }
-        this.finish(req, resultReply(req, m));
         this.dispatch();
         return;
       }
@@ -458,38 +455,22 @@ class Agent {
     clearTimeout(req.timer);
     if (req.internal) {
       this.becomeReady();
-    } else {
-      this.send(r);
+      return;
     }
-    // Also after the warm-up: a first request that overtook it left the
-    // agent idle only now.
+    this.send(r);
     if (this.pending.size === 0) this.idle();
   }
 
-  // idle sweeps: processes a snippet started and left running must not run
-  // on while their tenant has no request in flight. Only then is every
-  // process but the agent's surely a leftover. The sweep runs at once, while
-  // this thread is awake anyway: a timer would wake a process whose caches
-  // have gone cold a second time for every run of a tenant that runs a few
-  // times a second. Another sweep follows idleSweepMs later while the last
-  // one found some (for children forked meanwhile) or a worker thread is
-  // still being stopped (its snippet may yet start one).
+  // idle arranges a sweep: processes a snippet started and left running
+  // must not run on while their tenant has no request in flight. Only then
+  // is every process but the agent's surely a leftover; a sweep that found
+  // some arranges another, for children forked meanwhile.
   idle() {
     if (this.o.sweep === null || this.sweepTimer !== null || this.closed) return;
-    if (this.o.sweep() || this.stopping()) this.sweepLater();
-  }
-
-  sweepLater() {
     this.sweepTimer = setTimeout(() => {
       this.sweepTimer = null;
-      if (this.pending.size === 0 && !this.closed && (this.o.sweep() || this.stopping())) this.sweepLater();
+      if (this.pending.size === 0 && !this.closed && this.o.sweep()) this.idle();
     }, this.o.idleSweepMs);
-  }
-
-  // stopping reports whether a worker thread is being terminated.
-  stopping() {
-    for (const s of this.slots) if (s.state === 'dying') return true;
-    return false;
   }
 
   // becomeReady answers the pings that waited for the first warm Worker.

@@ -137,41 +137,5 @@ test('leftover processes are swept only while no request is in flight', { timeou
   await sleep(500);
   assert.equal(sweeps.length, 3, JSON.stringify(sweeps)); // two that found leftovers, one that did not
   for (const s of sweeps) assert.equal(s.inFlight, 0);
-  // The first at once, the next each idleSweepMs after one that found some.
-  assert.ok(sweeps[0].at - done < 40, 'the first sweep waited');
-  assert.ok(sweeps[1].at - sweeps[0].at >= 40 && sweeps[2].at - sweeps[1].at >= 40, 'follow-up sweeps came too soon');
-});
-
-test('a thread being stopped is swept after, even when the first sweep found nothing', { timeout: 30000 }, async (t) => {
-  const { Agent } = require('./agent.js');
-  const sweeps = [];
-  const replies = new Map();
-  const dec = new FrameDecoder(1 << 20, (b) => {
-    const m = JSON.parse(b.toString('utf8'));
-    replies.get(m.id)(m);
-  });
-  const agent = new Agent({
-    write: (b) => dec.push(b),
-    idleSweepMs: 50,
-    sweep: () => {
-      sweeps.push(Date.now());
-      return false;
-    },
-  });
-  t.after(() => agent.close());
-  const run = (id, code) =>
-    new Promise((resolve) => {
-      replies.set(id, resolve);
-      agent.feed(encodeFrame(JSON.stringify({ id, op: 'run', code, timeout_ms: 5000 })));
-    });
-  await new Promise((resolve) => {
-    replies.set(0, resolve);
-    agent.feed(encodeFrame(JSON.stringify({ id: 0, op: 'ping' })));
-  });
-  sweeps.length = 0;
-  // A snippet that leaves a timer behind: its thread is recycled.
-  assert.equal((await run(1, 'return function (cb) { setInterval(() => {}, 1000); cb(null, 1) }')).result, 1);
-  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-  await sleep(400);
-  assert.ok(sweeps.length >= 2, `${sweeps.length} sweeps: none after the recycled thread stopped`);
+  assert.ok(sweeps[0].at - done >= 40, 'swept before the agent was idle for idleSweepMs');
 });
