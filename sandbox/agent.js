@@ -455,9 +455,11 @@ class Agent {
     clearTimeout(req.timer);
     if (req.internal) {
       this.becomeReady();
-      return;
+    } else {
+      this.send(r);
     }
-    this.send(r);
+    // Also after the warm-up: a first request that overtook it left the
+    // agent idle only now.
     if (this.pending.size === 0) this.idle();
   }
 
