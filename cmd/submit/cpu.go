@@ -44,20 +44,20 @@ type cpuOptions struct {
 
 // procUsage is what /proc says of one process.
 type procUsage struct {
-	ticks  uint64 // utime + stime, all threads
-	minflt uint64
-	csw    uint64 // voluntary and involuntary, all live threads
+	comp    string
+	start   uint64 // start time, ticks after boot: a pid reused meanwhile is another process
+	ticks   uint64 // utime + stime, all threads
+	minflt  uint64
+	csw     uint64 // voluntary and involuntary, all live threads
+	threads int
 }
 
 // cpuSample is one reading of the machine.
 type cpuSample struct {
-	at      time.Time
-	runs    int64
-	busy    uint64            // the machine's non-idle ticks, all CPUs
-	byComp  map[string]uint64 // ticks per component
-	fltComp map[string]uint64
-	cswComp map[string]uint64
-	threads map[string]int // live threads per component
+	at    time.Time
+	runs  int64
+	busy  uint64 // the machine's non-idle ticks, all CPUs
+	procs map[int]procUsage
 }
 
 // componentUsage is one row of the CPU table.
@@ -79,6 +79,9 @@ type cpuReport struct {
 	CPUPerRunUs float64          `json:"cpu_per_run_us"`
 	Components  []componentUsage `json:"components"`
 	Containers  int              `json:"containers"`
+	// Gone counts the processes that ended during the window: what they
+	// used after it opened is missing from the table.
+	Gone int `json:"processes_gone"`
 }
 
 var containerIDPattern = regexp.MustCompile(`[0-9a-f]{64}`)
@@ -102,7 +105,7 @@ func workerContainers(ctx context.Context, workerID string) (map[string]bool, er
 
 // sampleCPU reads every process of the machine once.
 func sampleCPU(o cpuOptions, containers map[string]bool, runs int64) (*cpuSample, error) {
-	s := &cpuSample{at: time.Now(), runs: runs, byComp: map[string]uint64{}, fltComp: map[string]uint64{}, cswComp: map[string]uint64{}, threads: map[string]int{}}
+	s := &cpuSample{at: time.Now(), runs: runs, procs: map[int]procUsage{}}
 	busy, err := machineBusy()
 	if err != nil {
 		return nil, err
@@ -122,14 +125,12 @@ func sampleCPU(o cpuOptions, containers map[string]bool, runs int64) (*cpuSample
 		if comp == "" {
 			continue
 		}
-		u, threads, err := readProc(pid)
+		u, err := readProc(pid)
 		if err != nil {
 			continue // gone meanwhile
 		}
-		s.byComp[comp] += u.ticks
-		s.fltComp[comp] += u.minflt
-		s.cswComp[comp] += u.csw
-		s.threads[comp] += threads
+		u.comp = comp
+		s.procs[pid] = u
 	}
 	return s, nil
 }
@@ -177,23 +178,23 @@ func classify(pid, self int, o cpuOptions, containers map[string]bool) string {
 
 // readProc reads a process's CPU time and minor faults (whole process,
 // from stat) and its threads' context switches.
-func readProc(pid int) (procUsage, int, error) {
+func readProc(pid int) (procUsage, error) {
 	dir := filepath.Join("/proc", strconv.Itoa(pid))
 	stat, err := os.ReadFile(filepath.Join(dir, "stat"))
 	if err != nil {
-		return procUsage{}, 0, err
+		return procUsage{}, err
 	}
 	f, err := statFields(stat)
 	if err != nil {
-		return procUsage{}, 0, err
+		return procUsage{}, err
 	}
-	// After the command: state is field 3; minflt 10, utime 14, stime 15
-	// (1-based, proc(5)); f[0] is field 3.
+	// After the command: state is field 3; minflt 10, utime 14, stime 15,
+	// starttime 22 (1-based, proc(5)); f[0] is field 3.
 	num := func(field int) uint64 {
 		v, _ := strconv.ParseUint(f[field-3], 10, 64)
 		return v
 	}
-	u := procUsage{ticks: num(14) + num(15), minflt: num(10)}
+	u := procUsage{ticks: num(14) + num(15), minflt: num(10), start: num(22)}
 	tasks, _ := os.ReadDir(filepath.Join(dir, "task"))
 	for _, t := range tasks {
 		st, err := os.ReadFile(filepath.Join(dir, "task", t.Name(), "status"))
@@ -202,7 +203,8 @@ func readProc(pid int) (procUsage, int, error) {
 		}
 		u.csw += statusField(st, "voluntary_ctxt_switches:") + statusField(st, "nonvoluntary_ctxt_switches:")
 	}
-	return u, len(tasks), nil
+	u.threads = len(tasks)
+	return u, nil
 }
 
 // statFields returns the fields of /proc/PID/stat after the command name,
@@ -213,7 +215,7 @@ func statFields(stat []byte) ([]string, error) {
 		return nil, errors.New("malformed stat")
 	}
 	f := strings.Fields(string(stat[i+2:]))
-	if len(f) < 13 {
+	if len(f) < 20 {
 		return nil, errors.New("short stat")
 	}
 	return f, nil
@@ -261,7 +263,11 @@ func machineBusy() (uint64, error) {
 	return busy, nil
 }
 
-// cpuDiff turns two samples into the per-run table.
+// cpuDiff turns two samples into the per-run table. A process is charged
+// what it used between the samples; one that started meanwhile (a sandbox
+// created during the window) all it used, its start included. What a
+// process that ended meanwhile used after the first sample is not seen:
+// Gone counts them.
 func cpuDiff(a, b *cpuSample, containers int) *cpuReport {
 	runs := b.runs - a.runs
 	secs := b.at.Sub(a.at).Seconds()
@@ -273,22 +279,43 @@ func cpuDiff(a, b *cpuSample, containers int) *cpuReport {
 	tickUs := 1e6 / float64(clockTicks)
 	busy := sub(b.busy, a.busy)
 	r.Cores = float64(busy) / clockTicks / secs
+	type sums struct {
+		ticks, flt, csw uint64
+		threads         int
+	}
+	by := map[string]*sums{}
+	for _, c := range components {
+		by[c] = &sums{}
+	}
+	for pid, u := range b.procs {
+		was, ok := a.procs[pid]
+		if !ok || was.start != u.start || was.comp != u.comp {
+			was = procUsage{} // new since the first sample
+		}
+		s := by[u.comp]
+		s.ticks += sub(u.ticks, was.ticks)
+		s.flt += sub(u.minflt, was.minflt)
+		s.csw += sub(u.csw, was.csw)
+		s.threads += u.threads
+	}
+	for pid, u := range a.procs {
+		if now, ok := b.procs[pid]; !ok || now.start != u.start {
+			r.Gone++
+		}
+	}
 	var known uint64
 	for _, c := range components {
-		if c == "other" {
+		s := by[c]
+		if c == "other" || (s.ticks == 0 && s.threads == 0) {
 			continue
 		}
-		d := sub(b.byComp[c], a.byComp[c])
-		known += d
-		if d == 0 && b.threads[c] == 0 {
-			continue
-		}
+		known += s.ticks
 		r.Components = append(r.Components, componentUsage{
 			Name:          c,
-			CPUPerRunUs:   float64(d) * tickUs / float64(runs),
-			FaultsPerRun:  float64(sub(b.fltComp[c], a.fltComp[c])) / float64(runs),
-			SwitchesPerRn: float64(sub(b.cswComp[c], a.cswComp[c])) / float64(runs),
-			Threads:       b.threads[c],
+			CPUPerRunUs:   float64(s.ticks) * tickUs / float64(runs),
+			FaultsPerRun:  float64(s.flt) / float64(runs),
+			SwitchesPerRn: float64(s.csw) / float64(runs),
+			Threads:       s.threads,
 		})
 	}
 	var total float64
@@ -358,11 +385,19 @@ func (w *cpuWindow) sample(ctx context.Context, runs func() int64) (*cpuReport, 
 	if err := sleep(w.o.Window); err != nil {
 		return nil, err
 	}
-	b, err := sampleCPU(w.o, ids, runs())
+	// Containers made during the window (churn) count too.
+	later, err := workerContainers(ctx, w.o.WorkerID)
 	if err != nil {
 		return nil, err
 	}
-	return cpuDiff(a, b, len(ids)), nil
+	for id := range ids {
+		later[id] = true
+	}
+	b, err := sampleCPU(w.o, later, runs())
+	if err != nil {
+		return nil, err
+	}
+	return cpuDiff(a, b, len(later)), nil
 }
 
 // wait returns the report once the window is over.
@@ -374,6 +409,9 @@ func (w *cpuWindow) wait() (*cpuReport, error) {
 func printCPU(w io.Writer, name string, r *cpuReport, p50, p99 int64) {
 	fmt.Fprintf(w, "\nCPU per run, %s: %.1f s window, %d runs, %.0f runs/s, p50 %s, p99 %s, %d containers, machine busy %.2f cores\n",
 		name, r.Seconds, r.Runs, r.PerSecond, us(p50), us(p99), r.Containers, r.Cores)
+	if r.Gone > 0 {
+		fmt.Fprintf(w, "(%d processes ended during the window: what they used in it is not counted)\n", r.Gone)
+	}
 	fmt.Fprintf(w, "%-16s %12s %7s %12s %12s %8s\n", "COMPONENT", "CPU/RUN", "SHARE", "FAULTS/RUN", "CSW/RUN", "THREADS")
 	rows := append([]componentUsage(nil), r.Components...)
 	sort.SliceStable(rows, func(i, j int) bool { return rows[i].Name != "other" && rows[j].Name == "other" })
