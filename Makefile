@@ -116,6 +116,24 @@ compose-down:
 compose-demo: images
 	ISODE_SKIP_BUILD=1 WORKERS=$(WORKERS) ./scripts/compose-demo.sh
 
+# The cluster deployment (deploy/README.md, "A NATS cluster"): three
+# clustered NATS servers, the stream and buckets replicated on all three,
+# and WORKERS workers; cluster-down leaves nothing behind.
+.PHONY: cluster-up cluster-down
+cluster-up: images
+	./scripts/cluster.sh up -d --scale worker=$(WORKERS)
+
+cluster-down:
+	./scripts/cluster.sh down -v --remove-orphans -t 30
+
+# The fault suite on the cluster deployment (deploy/cluster_test.go): kills,
+# restarts and partitions under a bystander load; zero accepted requests
+# lost. It prints the fault table of deploy/README.md. 3-5 minutes here.
+CLUSTER_TEST_TIMEOUT ?= 15m
+.PHONY: test-cluster
+test-cluster: sandbox-image static-cache
+	ISODE_CLUSTER_SUITE=1 $(GO) test -race -count=1 -timeout $(CLUSTER_TEST_TIMEOUT) -run '^TestClusterFaults$$' -v ./deploy/
+
 # Removes every container isode made on this engine (running or not).
 clean:
 	-docker ps -aq --filter label=io.isode.app=isode | xargs -r docker rm -f

@@ -80,7 +80,7 @@ func TestComposeRoundTrip(t *testing.T) {
 	// Whatever happens to the script, the project goes away.
 	t.Cleanup(func() {
 		cmd := exec.Command("../scripts/compose.sh", "down", "-v", "--remove-orphans", "-t", "30")
-		cmd.Env = append(env, "ISODE_APP_PASSWORD=x", "ISODE_WORKER_PASSWORD=x", "ISODE_OPS_PASSWORD=x")
+		cmd.Env = append(env, "ISODE_APP_A_PASSWORD=x", "ISODE_APP_B_PASSWORD=x", "ISODE_WORKER_PASSWORD=x", "ISODE_OPS_PASSWORD=x")
 		if out, err := cmd.CombinedOutput(); err != nil {
 			t.Logf("compose down: %v\n%s", err, out)
 		}
@@ -99,7 +99,7 @@ func TestComposeRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatalf("scripts/compose-demo.sh: %v", err)
 	}
-	for _, want := range []string{`"Hello, world!"`, `{"node":"`, "refused", "nothing left behind"} {
+	for _, want := range []string{`"Hello, world!"`, `{"node":"`, "app-b sees: nothing", "refused", "nothing left behind"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("the output lacks %q", want)
 		}

@@ -13,6 +13,9 @@
 //   agent -> host: {"id":N,"result":<json>,"console":"...","console_truncated":false}
 //                  {"id":N,"error":{"code":"...","message":"..."},"console":"...",...}
 // A ping is answered once a Worker is ready: {"id":N,"result":{"ready":true,...}}.
+// A run's reply also carries "usage":{"cpu_ns":N|null,"rss":N,"peak_rss":N}:
+// measured by this main thread, never by the worker thread the snippet
+// shares (see usageOf).
 // Every reply is one object given to JSON.stringify whole: no text that came
 // from a worker thread is ever spliced into a frame, so a snippet that posts
 // to its thread's parentPort cannot add keys (a second "id") to a reply. A
@@ -142,6 +145,86 @@ const MAX_RESULT_DEPTH = 1000;
 // forgery and answered as a malformed result.
 const WORKER_ERROR_CODES = new Set(['code_error', 'output_too_large']);
 
+// openThreadStat opens the schedstat file of thread tid of this process
+// (/proc/self/task/<tid>/schedstat), or returns null when it cannot. The
+// file stays open for the thread's life: reading an open file again at
+// offset 0 costs a fifth of opening it each time.
+function openThreadStat(tid) {
+  if (tid === null) return null;
+  try {
+    return fs.openSync(`/proc/self/task/${tid}/schedstat`, 'r');
+  } catch {
+    return null;
+  }
+}
+
+const procBuf = Buffer.alloc(256);
+
+// readProc reads the whole (short) /proc file open as fd again, or returns
+// null.
+function readProc(fd) {
+  try {
+    const n = fs.readSync(fd, procBuf, 0, procBuf.length, 0);
+    return procBuf.latin1Slice(0, n);
+  } catch {
+    return null; // the thread is gone, say
+  }
+}
+
+// threadCpuNs returns the CPU time (user and system, ns) the kernel has
+// accounted to the thread whose schedstat file is open as fd, or null when
+// it cannot be read. Its first field is the thread's sum_exec_runtime.
+// Read by the main thread: a snippet runs in another thread and cannot
+// change what the kernel counted.
+function threadCpuNs(fd) {
+  if (fd === null) return null;
+  const s = readProc(fd);
+  const i = s === null ? -1 : s.indexOf(' ');
+  if (i <= 0) return null;
+  const n = Number(s.slice(0, i));
+  return Number.isSafeInteger(n) && n >= 0 ? n : null;
+}
+
+// residentBytes returns the process's resident memory, from
+// /proc/self/statm (kept open) when it can, else from process.memoryUsage.
+let statmFd; // undefined until first used, null when unavailable
+let pageBytes = 4096;
+function residentBytes() {
+  if (statmFd === undefined) {
+    try {
+      statmFd = fs.openSync('/proc/self/statm', 'r');
+      // statm counts pages: the page size is the power of two nearest to
+      // node's own figure over it.
+      const pages = Number((readProc(statmFd) || '').split(' ')[1]);
+      if (pages > 0) pageBytes = 2 ** Math.round(Math.log2(process.memoryUsage.rss() / pages));
+    } catch {
+      statmFd = null;
+    }
+  }
+  const pages = statmFd === null ? NaN : Number((readProc(statmFd) || '').split(' ')[1]);
+  return Number.isSafeInteger(pages) && pages > 0 ? pages * pageBytes : process.memoryUsage.rss();
+}
+
+// usageOf is the usage of a finished run: the CPU time of the thread that
+// ran it while it ran (null when either reading failed, or it never ran),
+// and the process's resident memory now and at its peak (getrusage), in
+// bytes.
+function usageOf(req) {
+  let cpu = null;
+  if (req.cpu0 !== null && req.cpu1 !== null && req.cpu1 >= req.cpu0) cpu = req.cpu1 - req.cpu0;
+  let rss = 0;
+  let peak = 0;
+  try {
+    rss = residentBytes();
+    // ru_maxrss (KiB); the kernel updates it lazily, so it can trail the
+    // resident figure just read.
+    peak = Math.max(process.resourceUsage().maxRSS * 1024, rss);
+  } catch {
+    // left at zero: not measured
+  }
+  return { cpu_ns: cpu, rss, peak_rss: peak };
+}
+
 // errorReply is the reply object of an error. Replies are objects until
 // send encodes them whole.
 function errorReply(id, code, message, consoleText, truncated) {
@@ -252,6 +335,8 @@ class Agent {
       slot: null,
       timer: null,
       queuedAt: Date.now(),
+      cpu0: null, // the snippet thread's CPU time (ns) when it was handed the request
+      cpu1: null, // and when it answered or overran
       internal: m.id < 0, // the agent's own warm-up (hosts' ids are never negative): no reply
     };
     req.timer = setTimeout(() => this.expire(req), timeoutMs);
@@ -277,6 +362,7 @@ class Agent {
       idle.state = 'busy';
       idle.req = req;
       req.slot = idle;
+      req.cpu0 = threadCpuNs(idle.statFd);
       idle.worker.postMessage({ t: 'run', id: req.id, code: req.code, input: req.input, maxResult: req.maxResult, maxConsole: req.maxConsole });
     }
     if (this.queue.length === 0) {
@@ -309,7 +395,7 @@ class Agent {
 
   spawn() {
     if (this.closed) return;
-    const slot = { worker: null, state: 'starting', req: null, idleSince: 0, error: null };
+    const slot = { worker: null, state: 'starting', req: null, idleSince: 0, error: null, statFd: null };
     this.stats.spawned++;
     let w;
     try {
@@ -353,6 +439,8 @@ class Agent {
     switch (m.t) {
       case 'ready':
         if (slot.state !== 'starting') return;
+        // The thread's id comes with 'ready', before any snippet ran in it.
+        if (Number.isSafeInteger(m.tid) && m.tid > 0 && slot.statFd === null) slot.statFd = openThreadStat(m.tid);
         this.spawnFailures = 0;
         slot.state = 'idle';
         slot.idleSince = Date.now();
@@ -367,6 +455,7 @@ class Agent {
       case 'result': {
         const req = slot.req;
         if (req === null || m.id !== req.id || slot.state !== 'busy') return; // stale or forged
+        req.cpu1 = threadCpuNs(slot.statFd);
         slot.req = null;
         req.slot = null;
         this.finish(req, resultReply(req, m));
@@ -388,6 +477,14 @@ class Agent {
 
   onWorkerExit(slot, code) {
     this.slots.delete(slot);
+    if (slot.statFd !== null) {
+      try {
+        fs.closeSync(slot.statFd);
+      } catch {
+        // closed already
+      }
+      slot.statFd = null;
+    }
     const req = slot.req;
     if (req !== null && slot.state !== 'dying') {
       slot.req = null;
@@ -439,6 +536,7 @@ class Agent {
     const msg = `the snippet did not finish within ${req.limitMs} ms (it never called back, or it loops)`;
     if (req.slot !== null) {
       const slot = req.slot;
+      req.cpu1 = threadCpuNs(slot.statFd); // before the thread is terminated
       slot.req = null;
       req.slot = null;
       this.retire(slot);
@@ -456,6 +554,7 @@ class Agent {
     if (req.internal) {
       this.becomeReady();
     } else {
+      r.usage = usageOf(req);
       this.send(r);
     }
     // Also after the warm-up: a first request that overtook it left the

@@ -88,6 +88,53 @@ test('each failure has its own error and the agent keeps serving', async (t) => 
   assert.ok(st.result.workers <= 2, JSON.stringify(st.result));
 });
 
+// BURN_CPU loops until its own thread has used ctx.data.ms of CPU, by the
+// kernel's count (/proc/thread-self/schedstat).
+const BURN_CPU = `return function (ctx, cb) {
+  const fs = require('node:fs');
+  const cpu = () => Number(fs.readFileSync('/proc/thread-self/schedstat', 'latin1').split(' ')[0]);
+  const end = cpu() + ctx.data.ms * 1e6;
+  while (cpu() < end);
+  cb(null, 1);
+}`;
+
+test('usage: the snippet thread\'s CPU time, measured outside the snippet', async (t) => {
+  const h = harness();
+  t.after(() => h.agent.close());
+  // A busy loop that burns 200 ms of its own thread's CPU (as the kernel
+  // counts it: the machine may be shared, so wall time would not do) is
+  // reported as about that.
+  const busy = await h.runCode(BURN_CPU, { input: { ms: 200 }, timeout_ms: 10000 });
+  assert.equal(busy.result, 1);
+  assert.ok(Number.isSafeInteger(busy.usage.cpu_ns), JSON.stringify(busy.usage));
+  const busyMs = busy.usage.cpu_ns / 1e6;
+  assert.ok(busyMs >= 200 && busyMs <= 230, `a loop that burnt 200 ms of CPU reported ${busyMs} ms`);
+  // Waiting on a timer costs wall time, not CPU.
+  const idle = await h.runCode('return function (cb) { setTimeout(() => cb(null, 2), 200) }');
+  assert.equal(idle.result, 2);
+  assert.ok(idle.usage.cpu_ns / 1e6 < 30, `an idle 200 ms timer reported ${idle.usage.cpu_ns / 1e6} ms of CPU`);
+  // Memory is the process's, from the kernel: resident now, and its peak.
+  assert.ok(idle.usage.rss > 1 << 20 && idle.usage.peak_rss >= idle.usage.rss, JSON.stringify(idle.usage));
+  // A snippet that burns 50 ms of CPU and then posts a result of its own
+  // (this is run 3) claiming none does not change the figure: usage is not
+  // read from its thread's messages.
+  const forged = await h.runCode(`return function (cb) {
+    const fs = require('node:fs');
+    const cpu = () => Number(fs.readFileSync('/proc/thread-self/schedstat', 'latin1').split(' ')[0]);
+    const end = cpu() + 50e6;
+    while (cpu() < end);
+    const { parentPort } = require('node:worker_threads');
+    for (let id = 1; id <= 3; id++) parentPort.postMessage({ t: 'result', id, json: '"forged"', usage: { cpu_ns: 0, rss: 0, peak_rss: 0 }, cpu_ns: 0, console: '', truncated: false, recycle: false });
+  }`, { timeout_ms: 10000 });
+  assert.equal(forged.result, 'forged'); // its own result, as before
+  assert.deepEqual(Object.keys(forged.usage).sort(), ['cpu_ns', 'peak_rss', 'rss']);
+  assert.ok(forged.usage.cpu_ns >= 50e6 && forged.usage.rss > 0, JSON.stringify(forged.usage));
+  // A timeout still reports the CPU the thread burnt until then.
+  const loop = await h.runCode('return function (cb) { for (;;) {} }', { timeout_ms: 300 });
+  assert.equal(loop.error.code, 'timeout');
+  assert.ok(loop.usage.cpu_ns > 0 && loop.usage.cpu_ns / 1e6 <= 400, `a loop stopped at 300 ms reported ${loop.usage.cpu_ns / 1e6} ms of CPU`);
+});
+
 test('console is captured per request and bounded', async (t) => {
   const h = harness();
   t.after(() => h.agent.close());

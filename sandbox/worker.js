@@ -5,7 +5,8 @@
 //
 // Messages from the agent: {t: 'run', id, code, input, maxResult, maxConsole}.
 // Messages to the agent:
-//   {t: 'ready'}                                      once, when loaded
+//   {t: 'ready', tid}                                 once, when loaded; tid is
+//                                                     this thread's id in /proc
 //   {t: 'result', id, json, console, truncated, recycle}
 //   {t: 'result', id, error: {code, message}, console, truncated, recycle}
 //   {t: 'stray', id, what}                            a late callback, for the log
@@ -430,7 +431,19 @@ parentPort.on('message', (m) => {
 // costs. Its result (id -1) reaches the agent before 'ready' and is ignored.
 run({ t: 'run', id: -1, code: 'return function (ctx, cb) { console.log("warm"); cb(null, ctx.data); }', input: { warm: [1, 'up'] }, maxResult: 4096, maxConsole: 4096 });
 
+// threadId is this thread's id as the kernel knows it (/proc/thread-self
+// names /proc/<pid>/task/<tid>), or null: the agent reads the thread's CPU
+// time around each run with it.
+function threadId() {
+  try {
+    const n = Number(fs.readlinkSync('/proc/thread-self').split('/').pop());
+    return Number.isSafeInteger(n) && n > 0 ? n : null;
+  } catch {
+    return null;
+  }
+}
+
 later(() => {
   baseline = countResources();
-  post({ t: 'ready' });
+  post({ t: 'ready', tid: threadId() });
 });

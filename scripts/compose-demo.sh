@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The compose deployment end to end: build the images, bring up NATS and the
 # workers with Docker Compose (v2 or v1), run the original isode README's two
-# examples through `submit` as the application user and `submit stats` as the
-# ops user, check the application user is refused the stats, tear everything
+# examples through `submit` as each of the two example applications (app-a,
+# app-b: NATS accounts of their own), check that their equal isolate keys
+# are two tenants, `submit stats` as the ops user, check an application is
+# refused the stats, tear everything
 # down and check nothing is left: no container, network or volume of the
 # project, and no sandbox of its workers.
 #
@@ -10,7 +12,7 @@
 #
 # Environment: ISODE_COMPOSE_PROJECT (default: isodedemo<pid>), WORKERS (3),
 # ISODE_NATS_PORT (default: a free port), ISODE_WORKER_IMAGE and
-# ISODE_NATS_IMAGE (built first unless ISODE_SKIP_BUILD=1), and the three
+# ISODE_NATS_IMAGE (built first unless ISODE_SKIP_BUILD=1), and the four
 # passwords (random unless set). It never reads or writes deploy/.env.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +21,8 @@ export ISODE_COMPOSE_PROJECT=${ISODE_COMPOSE_PROJECT:-isodedemo$$}
 project=$ISODE_COMPOSE_PROJECT
 WORKERS=${WORKERS:-3}
 pw() { od -An -N16 -tx1 /dev/urandom | tr -d ' \n'; }
-export ISODE_APP_PASSWORD=${ISODE_APP_PASSWORD:-$(pw)}
+export ISODE_APP_A_PASSWORD=${ISODE_APP_A_PASSWORD:-$(pw)}
+export ISODE_APP_B_PASSWORD=${ISODE_APP_B_PASSWORD:-$(pw)}
 export ISODE_WORKER_PASSWORD=${ISODE_WORKER_PASSWORD:-$(pw)}
 export ISODE_OPS_PASSWORD=${ISODE_OPS_PASSWORD:-$(pw)}
 if [[ -z "${ISODE_NATS_PORT:-}" ]]; then
@@ -27,7 +30,8 @@ if [[ -z "${ISODE_NATS_PORT:-}" ]]; then
 	while (exec 3<>"/dev/tcp/127.0.0.1/$ISODE_NATS_PORT") 2>/dev/null; do ISODE_NATS_PORT=$((ISODE_NATS_PORT + 1)); done
 fi
 export ISODE_NATS_PORT
-app="nats://app:$ISODE_APP_PASSWORD@127.0.0.1:$ISODE_NATS_PORT"
+app="nats://app-a:$ISODE_APP_A_PASSWORD@127.0.0.1:$ISODE_NATS_PORT"
+appb="nats://app-b:$ISODE_APP_B_PASSWORD@127.0.0.1:$ISODE_NATS_PORT"
 ops="nats://ops:$ISODE_OPS_PASSWORD@127.0.0.1:$ISODE_NATS_PORT"
 compose() { ./scripts/compose.sh "$@"; }
 
@@ -74,26 +78,34 @@ echo "workers: $workers"
 
 run() {
 	echo
-	echo "==> submit run --tenant $1 '$2'   (as the app user)"
+	echo "==> submit run --tenant $1 '$2'   (as application app-a)"
 	submit run --nats "$app" --tenant "$1" "$2"
 }
 run tenant1 'return function (cb) { cb(null, "Hello, world!"); }'
 run tenant2 'return function (cb) { cb(null, process.versions); }'
+
+# Application app-b's tenant1 is not app-a's: what one leaves in its
+# sandbox's globals the other does not see.
+echo
+echo "==> app-a's tenant1 leaves a global; app-b's tenant1 looks for it"
+submit run --nats "$app" --tenant tenant1 'return function (cb) { globalThis.note = "left by app-a"; cb(null, globalThis.note); }'
+submit run --nats "$appb" --tenant tenant1 'return function (cb) { cb(null, "app-b sees: " + (globalThis.note || "nothing")); }' | tee "$tmp/appb"
+grep -q "app-b sees: nothing" "$tmp/appb" || { echo "app-b's tenant1 saw app-a's" >&2; exit 1; }
 
 echo
 echo "==> submit stats   (as the ops user)"
 submit stats --nats "$ops"
 
 echo
-echo "==> submit stats as the app user is refused"
+echo "==> submit stats as application app-a is refused"
 if ! submit stats --nats "$app" 2>&1 | grep -q "no worker answered"; then
-	echo "the app user could read the workers' stats" >&2
+	echo "application app-a could read the workers' stats" >&2
 	exit 1
 fi
 echo "refused"
 
-# Nobody but the app user's refused stats request hit a permission.
-violations=$(compose logs --no-color nats 2>&1 | grep -i "violation" | grep -v 'user:app" - Publish Violation - Subject "isode.stats"' || true)
+# Nobody but app-a's refused stats request hit a permission.
+violations=$(compose logs --no-color nats 2>&1 | grep -i "violation" | grep -v -E 'user:app-a".* - Publish Violation - Subject "isode.stats"' || true)
 if [[ -n $violations ]]; then
 	echo "permission violations in the NATS log:" >&2
 	echo "$violations" >&2

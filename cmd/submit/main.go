@@ -3,7 +3,8 @@
 //
 //	submit run --tenant KEY [--nats URL] [--timeout D] [--input JSON] (CODE | -f FILE | -)
 //	submit bench [--tenants N] [--concurrency C] [--duration D | --count N] [--json]
-//	submit stats [--json]
+//	submit stats [--json] [--tenants]
+//	submit top [--interval D] [--window D] [--tenants N]
 package main
 
 import (
@@ -49,7 +50,9 @@ const usage = `Usage: submit <command> [flags]
 Commands:
   run     run a snippet for a tenant and print its result
   bench   load-test the fleet, next to a NATS request/reply echo baseline
-  stats   show what the workers report (pool counters, queue, shards)
+  stats   show what the workers report (pool counters, queue, shards; --tenants: busiest tenants)
+  top     a live view of the fleet: workers, pools, runs/s, latency, errors, busiest tenants
+          (one snapshot when the output is not a terminal)
 
 Run "submit <command> --help" for the flags of a command.
 `
@@ -66,6 +69,8 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		return benchCmd(ctx, args[1:], stdout, stderr)
 	case "stats":
 		return statsCmd(ctx, args[1:], stdout, stderr)
+	case "top":
+		return topCmd(ctx, args[1:], stdout, stderr)
 	case "-h", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return nil

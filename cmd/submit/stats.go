@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"flag"
@@ -23,6 +24,7 @@ func statsCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	cf.register(fs)
 	wait := fs.Duration("wait", 500*time.Millisecond, "how long to gather answers")
 	asJSON := fs.Bool("json", false, "print JSON, one object per worker in an array")
+	tenants := fs.Bool("tenants", false, "print the busiest tenants' totals, over all workers, instead of the workers")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -43,6 +45,9 @@ func statsCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if len(all) == 0 {
 		fmt.Fprintln(stdout, "no worker answered")
 		return nil
+	}
+	if *tenants {
+		return printTenants(stdout, mergeTenants(all), 0)
 	}
 	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "WORKER\tSHARDS\tIN FLIGHT\tFREE\tASSIGNED\tBUSY\tCREATING\tQUEUED\tL/H\tHITS\tPOOL HITS\tCOLD\tEVICT\tRECYCLE\tDEATHS\tFAILED\tREJECTED\tUPTIME")
@@ -83,6 +88,73 @@ func gatherStats(ctx context.Context, nc *nats.Conn, prefix string, wait time.Du
 	}
 	slices.SortFunc(all, func(a, b protocol.WorkerStats) int { return strings.Compare(a.Worker, b.Worker) })
 	return all, nil
+}
+
+// mergeTenants adds up the tenants' totals the workers reported (a tenant
+// may have run on several, after its shard moved), busiest (most CPU)
+// first, the folded others last.
+func mergeTenants(all []protocol.WorkerStats) []protocol.TenantStats {
+	byKey := map[string]*protocol.TenantStats{}
+	var order []string
+	for _, w := range all {
+		for _, t := range w.Tenants {
+			m := byKey[t.Key()]
+			if m == nil {
+				m = &protocol.TenantStats{IsolateKey: t.IsolateKey, Application: t.Application}
+				byKey[t.Key()] = m
+				order = append(order, t.Key())
+			}
+			m.Runs += t.Runs
+			m.CPUMicros += t.CPUMicros
+			m.WallMicros += t.WallMicros
+			for code, n := range t.Errors {
+				if m.Errors == nil {
+					m.Errors = map[string]uint64{}
+				}
+				m.Errors[code] += n
+			}
+		}
+	}
+	out := make([]protocol.TenantStats, 0, len(order))
+	for _, k := range order {
+		out = append(out, *byKey[k])
+	}
+	slices.SortStableFunc(out, func(a, b protocol.TenantStats) int {
+		if (a.IsolateKey == protocol.OtherTenants) != (b.IsolateKey == protocol.OtherTenants) {
+			if a.IsolateKey == protocol.OtherTenants {
+				return 1
+			}
+			return -1
+		}
+		return cmp.Or(cmp.Compare(b.CPUMicros, a.CPUMicros), cmp.Compare(b.Runs, a.Runs), strings.Compare(a.Key(), b.Key()))
+	})
+	return out
+}
+
+// printTenants prints a table of tenants' totals, at most limit rows of
+// them (0: all).
+func printTenants(w io.Writer, ts []protocol.TenantStats, limit int) error {
+	if len(ts) == 0 {
+		_, err := fmt.Fprintln(w, "no runs yet")
+		return err
+	}
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "TENANT\tRUNS\tERRORS\tCPU MS\tWALL MS\tERRORS BY CODE")
+	for i, t := range ts {
+		if limit > 0 && i == limit {
+			break
+		}
+		var errs uint64
+		codes := make([]string, 0, len(t.Errors))
+		for code, n := range t.Errors {
+			errs += n
+			codes = append(codes, fmt.Sprintf("%s:%d", code, n))
+		}
+		slices.Sort(codes)
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%.1f\t%.1f\t%s\n", t.Key(), t.Runs, errs,
+			float64(t.CPUMicros)/1000, float64(t.WallMicros)/1000, strings.Join(codes, " "))
+	}
+	return tw.Flush()
 }
 
 // shardRanges prints [0-3,7,9-10].

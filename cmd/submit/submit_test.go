@@ -147,6 +147,38 @@ func TestStats(t *testing.T) {
 	if err := json.Unmarshal([]byte(out), &all); err != nil || len(all) != 1 || len(all[0].Shards) != 64 {
 		t.Fatalf("stats --json: %v %s", err, out)
 	}
+
+	out, _, err = submit(t, "", "stats", "--nats", url, "--tenants")
+	if err != nil || strings.TrimSpace(out) != "no runs yet" {
+		t.Fatalf("stats --tenants before any run: %v %q", err, out)
+	}
+	for _, tenant := range []string{"acme", "acme", "globex"} {
+		if _, _, err := submit(t, "", "run", "--nats", url, "--tenant", tenant, "x"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, _, err := submit(t, "", "run", "--nats", url, "--tenant", "acme", "fail"); err == nil {
+		t.Fatal("the failing run succeeded")
+	}
+	out, _, err = submit(t, "", "stats", "--nats", url, "--tenants")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if len(lines) != 3 || !strings.HasPrefix(lines[0], "TENANT") {
+		t.Fatalf("stats --tenants:\n%s", out)
+	}
+	rows := map[string][]string{}
+	for _, l := range lines[1:] {
+		f := strings.Fields(l)
+		rows[f[0]] = f
+	}
+	if a := rows["acme"]; len(a) != 6 || a[1] != "3" || a[2] != "1" || a[5] != "code_error:1" {
+		t.Errorf("acme: %q", a)
+	}
+	if g := rows["globex"]; len(g) != 5 || g[1] != "1" || g[2] != "0" {
+		t.Errorf("globex: %q", g)
+	}
 }
 
 func TestBenchJSON(t *testing.T) {
@@ -207,5 +239,40 @@ func TestBenchNewScenarioLeavesPausesOffTheClock(t *testing.T) {
 	}
 	if max := time.Duration(fresh.Latency["max"]) * time.Microsecond; max >= pause {
 		t.Fatalf("a new tenant's run took %v with %v pauses between runs: the pause is on the clock", max, pause)
+	}
+}
+
+// On a pipe, top prints one snapshot (the workers, and the runs of one
+// interval) and exits.
+func TestTopSnapshotOnAPipe(t *testing.T) {
+	url := fleetURL(t)
+	done := make(chan struct{})
+	var out string
+	var err error
+	go func() {
+		defer close(done)
+		out, _, err = submit(t, "", "top", "--nats", url, "--interval", "1s")
+	}()
+	// Runs until top has printed: some of them fall in its interval.
+	for running := true; running; {
+		select {
+		case <-done:
+			running = false
+		default:
+			if _, _, err := submit(t, "", "run", "--nats", url, "--tenant", "acme", "x"); err != nil {
+				t.Error(err)
+			}
+		}
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(out, "\x1b") {
+		t.Errorf("terminal sequences on a pipe: %q", out)
+	}
+	for _, want := range []string{"1 workers", "submit-test", "runs/s", "busiest tenants", "acme"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("top's snapshot lacks %q:\n%s", want, out)
+		}
 	}
 }

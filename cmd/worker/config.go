@@ -33,9 +33,11 @@ type config struct {
 	LogLevel  string
 	LogFormat string
 	Grace     time.Duration
-	DebugAddr string        // pprof listener, "" for none
-	Heartbeat time.Duration // fleet membership heartbeat
-	MemberTTL time.Duration // fleet membership expiry
+	DebugAddr string // pprof listener, "" for none
+	// MetricsAddr is the Prometheus endpoint's listener, "" for none.
+	MetricsAddr string
+	Heartbeat   time.Duration // fleet membership heartbeat
+	MemberTTL   time.Duration // fleet membership expiry
 	// NATSConnectTimeout bounds the wait for the NATS server at start.
 	NATSConnectTimeout time.Duration
 	// ReapInterval is how often the reaper looks for sandboxes nobody
@@ -222,6 +224,7 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 	fs.str(&c.LogFormat, "log-format", "ISODE_LOG_FORMAT", "log format: json, console, or auto (console on a terminal)")
 	fs.dur(&c.Grace, "grace", "ISODE_SHUTDOWN_GRACE", "on SIGTERM, how long runs in flight may take to finish")
 	fs.str(&c.DebugAddr, "debug-addr", "ISODE_DEBUG_ADDR", "address of a pprof HTTP listener for profiling, e.g. 127.0.0.1:6060 (empty: none)")
+	fs.str(&c.MetricsAddr, "metrics-addr", "ISODE_METRICS_ADDR", "address of the Prometheus endpoint (/metrics), e.g. 127.0.0.1:9464 (empty: none)")
 	fs.dur(&c.Heartbeat, "heartbeat", "ISODE_HEARTBEAT", "fleet membership heartbeat")
 	fs.dur(&c.MemberTTL, "member-ttl", "ISODE_MEMBER_TTL", "a worker silent this long is considered gone and its shards move")
 
@@ -231,6 +234,7 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 	fs.int(&c.Pool.PerSandbox, "concurrency", "ISODE_CONCURRENCY", "snippets one sandbox (tenant) runs at once")
 	fs.int(&c.Pool.QueueSize, "queue", "ISODE_QUEUE", "requests waiting for a sandbox, over all tenants")
 	fs.int(&c.Pool.TenantQueueSize, "tenant-queue", "ISODE_TENANT_QUEUE", "requests waiting for a sandbox, per tenant")
+	fs.int(&c.Pool.AppQueueSize, "app-queue", "ISODE_APP_QUEUE", "requests waiting for a sandbox, per application account (0: half of --queue); the rest wait in the stream, so that other applications' requests are still taken")
 	fs.int(&c.Pool.MaxRequests, "max-requests", "ISODE_MAX_REQUESTS", "recycle a sandbox after this many runs (0: unlimited)")
 	fs.dur(&c.Pool.MaxAge, "max-age", "ISODE_MAX_AGE", "recycle a sandbox this old (0: unlimited)")
 	fs.int(&c.Pool.CreateConcurrency, "create-concurrency", "ISODE_CREATE_CONCURRENCY", "sandboxes created at once")
@@ -251,6 +255,7 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 	fs.int(&c.Fleet.MaxFailures, "max-failures", "ISODE_MAX_FAILURES", "deliveries of one request that may end without an answer (worker died, reply unpublishable) before it is dead-lettered")
 	fs.int(&c.Fleet.MaxPendingCalls, "max-pending-calls", "ISODE_MAX_PENDING_CALLS", "plain calls (isode.call) this worker may have on their way to the stream; more are answered overloaded")
 	fs.int64(&c.Fleet.StreamMaxMsgs, "stream-max-msgs", "ISODE_STREAM_MAX_MSGS", "requests the stream holds before it rejects new ones as overloaded")
+	fs.int64(&c.Fleet.StreamMaxPerSubject, "stream-max-per-subject", "ISODE_STREAM_MAX_PER_SUBJECT", "requests one application holds in the stream for one shard before its new ones there are rejected as overloaded (others' are still taken)")
 	fs.boolean(&c.Fleet.StreamMemory, "stream-memory", "ISODE_STREAM_MEMORY", "keep the request stream in memory: faster, but a restart of a single NATS server loses the requests waiting in it")
 	fs.int(&c.Fleet.StreamReplicas, "stream-replicas", "ISODE_STREAM_REPLICAS", "replicas of the request stream (clustered NATS)")
 

@@ -203,7 +203,7 @@ func BenchmarkFleetThroughput(b *testing.B) {
 			// first one of the measurement ("[warm (48 tenants)] ...") marks
 			// the end of the warm-up, which cold-starts 48 sandboxes and is
 			// kept out of the CPU figures.
-			cmd := exec.Command(submit, "bench", "--nats", f.nats.url("app"), "--scenario", "warm",
+			cmd := exec.Command(submit, "bench", "--nats", f.nats.url("app-a"), "--scenario", "warm",
 				"--tenants", "48", "--concurrency", "32", "--duration", "15s", "--no-baseline", "--json",
 				"--timeout", "30s") // the warm-up cold-starts 48 sandboxes at once on a busy machine
 			var out bytes.Buffer

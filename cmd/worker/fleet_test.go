@@ -56,10 +56,10 @@ type deployNATS struct {
 func newDeployNATS(t testing.TB) *deployNATS {
 	t.Helper()
 	n := &deployNATS{t: t, pass: map[string]string{}, log: &natsServerLog{}}
-	for _, u := range []string{"app", "worker", "ops"} {
+	for _, u := range []string{"app-a", "app-b", "worker", "ops"} {
 		n.pass[u] = randomHex(12)
 		if tt, ok := t.(interface{ Setenv(k, v string) }); ok {
-			tt.Setenv("ISODE_"+strings.ToUpper(u)+"_PASSWORD", n.pass[u])
+			tt.Setenv("ISODE_"+strings.ToUpper(strings.ReplaceAll(u, "-", "_"))+"_PASSWORD", n.pass[u])
 		} else {
 			t.Fatal("deployNATS needs t.Setenv")
 		}
@@ -517,7 +517,7 @@ type fleetLoad struct {
 
 func (f *testFleet) startLoad(callers int, tenants []string) *fleetLoad {
 	f.t.Helper()
-	nc := f.nats.connect("app")
+	nc := f.nats.connect("app-a")
 	js, err := jetstream.New(nc)
 	if err != nil {
 		f.t.Fatal(err)
@@ -1010,7 +1010,7 @@ func TestFleetGracefulLeave(t *testing.T) {
 // permission of deploy/nats.conf.
 func (f *testFleet) checkPermissions() {
 	f.t.Helper()
-	for _, u := range []string{"worker", "app", "ops"} {
+	for _, u := range []string{"worker", "app-a", "app-b", "ops"} {
 		if v := f.nats.log.violationsOf(u); len(v) > 0 {
 			f.t.Errorf("user %s hit %d permission violations of deploy/nats.conf, e.g. %q", u, len(v), v[0])
 		}

@@ -35,7 +35,7 @@ func TestNATSPermissions(t *testing.T) {
 		}))
 		return nc, errs
 	}
-	app, appErrs := refused("app")
+	app, appErrs := refused("app-a")
 	c, err := isode.New(app)
 	if err != nil {
 		t.Fatal(err)
@@ -57,6 +57,12 @@ func TestNATSPermissions(t *testing.T) {
 
 	// Operators: stats and read-only stream info.
 	ops, opsErrs := refused("ops")
+	// Operators read the usage records (submit top does).
+	usage, err := ops.SubscribeSync(protocol.UsageWildcard(protocol.DefaultPrefix))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ops.Flush()
 	m, err := ops.Request(protocol.StatsSubject(protocol.DefaultPrefix), nil, 10*time.Second)
 	if err != nil {
 		t.Fatalf("stats as the ops user: %v", err)
@@ -76,6 +82,9 @@ func TestNATSPermissions(t *testing.T) {
 	var rep protocol.Reply
 	if err != nil || json.Unmarshal(m.Data, &rep) != nil || string(rep.Result) != "42" {
 		t.Fatalf("isode.call as the app user: %v %v", m, err)
+	}
+	if m, err := usage.NextMsg(10 * time.Second); err != nil || !strings.Contains(string(m.Data), `"isolate_key":"tenant1"`) {
+		t.Fatalf("a usage record as the ops user: %v %v", m, err)
 	}
 	js, err := jetstream.New(ops)
 	if err != nil {
@@ -110,6 +119,8 @@ func TestNATSPermissions(t *testing.T) {
 		{"app joins the fleet", app, appErrs, "$KV.isode_workers.intruder", pub(app, "$KV.isode_workers.intruder")},
 		{"app asks for stats", app, appErrs, "isode.stats", pub(app, "isode.stats")},
 		{"app answers a request", app, appErrs, "_INBOX.someone", pub(app, "_INBOX.someone")},
+		{"app reads usage records", app, appErrs, "isode.usage.*", sub(app, "isode.usage.*")},
+		{"app forges usage records", app, appErrs, "isode.usage.1", pub(app, "isode.usage.1")},
 		{"ops submits a request", ops, opsErrs, "isode.run.1", pub(ops, "isode.run.1")},
 		{"ops deletes the stream", ops, opsErrs, "$JS.API.STREAM.DELETE.ISODE", pub(ops, "$JS.API.STREAM.DELETE.ISODE")},
 		{"app sends discovery requests", app, appErrs, "$SRV.INFO.isode", pub(app, "$SRV.INFO.isode")},

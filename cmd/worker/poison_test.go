@@ -52,7 +52,7 @@ type attacker struct {
 }
 
 func newAttacker(t *testing.T, f *testFleet) *attacker {
-	nc := f.nats.connect("app")
+	nc := f.nats.connect("app-a")
 	js, err := jetstream.New(nc)
 	if err != nil {
 		t.Fatal(err)
@@ -379,7 +379,7 @@ func TestPoisonSuite(t *testing.T) {
 			t.Logf("the stream drained %v after the last far-future request", took.Round(100*time.Millisecond))
 		}},
 		{"duplicate ids, by a retry and by a second publisher", "duplicate_request at once, not a wait until the deadline", func(t *testing.T, a *attacker, dead *deadLetterWatch) {
-			c, err := isode.New(f.nats.connect("app"))
+			c, err := isode.New(f.nats.connect("app-a"))
 			if err != nil {
 				t.Fatal(err)
 			}

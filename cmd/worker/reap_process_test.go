@@ -37,7 +37,7 @@ func TestReaperRemovesSandboxOfKilledWorker(t *testing.T) {
 	if key == "" {
 		t.Fatal("no tenant on the victim's shards")
 	}
-	c, err := isode.New(f.nats.connect("app"))
+	c, err := isode.New(f.nats.connect("app-a"))
 	if err != nil {
 		t.Fatal(err)
 	}

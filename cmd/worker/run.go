@@ -17,6 +17,7 @@ import (
 
 	"github.com/isode-run/isode/pkg/dockerx"
 	"github.com/isode-run/isode/pkg/fleet"
+	"github.com/isode-run/isode/pkg/metrics"
 	"github.com/isode-run/isode/pkg/pool"
 	"github.com/isode-run/isode/pkg/protocol"
 )
@@ -44,6 +45,24 @@ func run(ctx, abort context.Context, args []string, stdout, stderr io.Writer) er
 			return err
 		}
 		defer stopDebug()
+	}
+	// The Prometheus endpoint, from the start (a bad address stops the
+	// worker before anything else); the pool's gauges join it later.
+	var met *metrics.Metrics
+	if cfg.MetricsAddr != "" {
+		met = metrics.New()
+		srv, err := met.Serve(cfg.MetricsAddr)
+		if err != nil {
+			return fmt.Errorf("%w: --metrics-addr %q: %w", errInvalidConfig, cfg.MetricsAddr, err)
+		}
+		log.Info().Str("addr", srv.Addr().String()).Msg("metrics listening")
+		defer func() {
+			cctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			defer cancel()
+			if err := srv.Close(cctx); err != nil {
+				log.Warn().Err(err).Msg("metrics listener")
+			}
+		}()
 	}
 
 	// NATS: the embedded server, or the one named.
@@ -120,6 +139,9 @@ func run(ctx, abort context.Context, args []string, stdout, stderr io.Writer) er
 	if err := cfg.Fleet.Validate(); err != nil {
 		return fmt.Errorf("%w: %w", errInvalidConfig, err)
 	}
+	if met != nil {
+		cfg.Fleet.OnUsage = met.Observe
+	}
 	w, err := fleet.New(nc, p, func() protocol.PoolStats { return poolStats(p.Stats()) }, cfg.Fleet)
 	if err != nil {
 		return err
@@ -129,6 +151,13 @@ func run(ctx, abort context.Context, args []string, stdout, stderr io.Writer) er
 	cancel()
 	if err != nil {
 		return fmt.Errorf("start consuming: %w", err)
+	}
+	if met != nil {
+		met.Watch(metrics.Sources{
+			Pool:       func() metrics.Pool { return poolGauges(p.Stats()) },
+			Reconnects: func() uint64 { return nc.Stats().Reconnects },
+			Shards:     func() int { return len(w.Owned()) },
+		})
 	}
 	// Sandboxes nobody owns: this worker's leftovers, containers that never
 	// started, and running sandboxes of workers that left the fleet (a
@@ -234,6 +263,23 @@ func poolStats(s pool.Stats) protocol.PoolStats {
 	}
 }
 
+// poolGauges is what the metrics endpoint reads of the pool at a scrape.
+func poolGauges(s pool.Stats) metrics.Pool {
+	g := metrics.Pool{Free: s.Free, Assigned: s.Assigned, Busy: s.Busy, Creating: s.Creating, Queued: s.Queued,
+		// The causes a sandbox dies of, at zero until one does, so that
+		// rate() has a series from the start.
+		Deaths: map[string]uint64{string(protocol.CodeOutOfMemory): 0, string(protocol.CodeSandboxCrashed): 0}}
+	for c, n := range s.DeathCauses {
+		g.Deaths[string(c)] = n
+	}
+	return g
+}
+
+// natsPingInterval is how often the worker pings its NATS server; the
+// connection is given up (and another server of the cluster tried) after
+// two unanswered pings.
+const natsPingInterval = 2 * time.Second
+
 // Errors of the worker's NATS connection.
 var (
 	// errNATSUnreachable: no NATS server was reachable within
@@ -277,6 +323,16 @@ func connectNATS(ctx context.Context, natsURL string, embedded *server.Server, c
 		nats.RetryOnFailedConnect(true),
 		nats.MaxReconnects(-1),
 		nats.ReconnectWait(250 * time.Millisecond),
+		// A server cut off by the network sends no error: only missed
+		// pongs tell. nats.go's default (a ping every 2 minutes, two
+		// missed) left a worker attached to a partitioned server for
+		// minutes; this way it moves to another server of the cluster
+		// within about 6 s.
+		nats.PingInterval(natsPingInterval),
+		// The same for writes: the flusher holds the connection's lock
+		// while it writes, pings included, so a write stuck on a dead
+		// peer (nats.go waits a minute by default) also hid it for that long.
+		nats.FlusherTimeout(2 * natsPingInterval),
 		nats.ConnectHandler(func(nc *nats.Conn) {
 			log.Info().Str("url", redactURLs(nc.ConnectedUrl())).Msg("connected to NATS")
 			connectOnce.Do(func() { close(connected) })

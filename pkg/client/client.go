@@ -35,7 +35,21 @@ var (
 	// ErrNoStream is returned when no JetStream stream takes the request
 	// subject: no worker has set the fleet up on this NATS server yet.
 	ErrNoStream = &protocol.Error{Code: protocol.CodeOverloaded, Message: "no JetStream stream accepts isode requests on this NATS server: is a worker running?"}
+	// ErrNotAcknowledged is returned (with ctx's error) when ctx ended
+	// before the stream acknowledged the request: it may or may not have
+	// been stored.
+	ErrNotAcknowledged = errors.New("isode client: the stream did not acknowledge the request")
+	// ErrNoReply is returned (with ctx's error) when the stream accepted
+	// the request and no reply came before ctx ended.
+	ErrNoReply = errors.New("isode client: no reply")
 )
+
+// ackRetry is how long Run waits for the stream's acknowledgement before it
+// publishes the request again, with the same id. On a NATS cluster a
+// publish that reaches the stream while its leader changes (a server died,
+// a partition) is neither stored nor answered; the stream's duplicate
+// window makes the copy safe: it is stored once.
+const ackRetry = time.Second
 
 // Client submits runs. It is safe for concurrent use; one Client per
 // process is enough. It does not own the NATS connection.
@@ -44,6 +58,7 @@ type Client struct {
 	prefix   string
 	shards   int
 	ttlSlack time.Duration
+	ackRetry time.Duration
 
 	inbox string // "<inbox>." ; replies arrive on inbox+"<n>.r", acks on inbox+"<n>.a"
 	sub   *nats.Subscription
@@ -95,6 +110,7 @@ func New(nc *nats.Conn, opts ...Option) (*Client, error) {
 		prefix:   protocol.DefaultPrefix,
 		shards:   protocol.DefaultShards,
 		ttlSlack: 5 * time.Second,
+		ackRetry: ackRetry,
 		pending:  make(map[string]*call),
 	}
 	for _, o := range opts {
@@ -169,15 +185,21 @@ type Result struct {
 	ID      string
 	Worker  string
 	RunTime time.Duration
+	// Usage is what the request cost (nil from workers that do not say).
+	Usage *protocol.Usage
+	// Traceparent is the trace context the reply carries back (see
+	// WithTraceparent).
+	Traceparent string
 }
 
 // RunOption configures one run.
 type RunOption func(*runOptions) error
 
 type runOptions struct {
-	input   json.RawMessage
-	timeout time.Duration
-	id      string
+	input       json.RawMessage
+	timeout     time.Duration
+	id          string
+	traceparent string
 }
 
 // WithInput passes JSON input to the snippet as ctx.data.
@@ -218,6 +240,19 @@ func WithRequestID(id string) RunOption {
 			return fmt.Errorf("%w: request id %q", ErrInvalidOption, id)
 		}
 		o.id = id
+		return nil
+	}
+}
+
+// WithTraceparent sends a W3C trace context (protocol.HeaderTraceparent):
+// the worker logs it with the run, and returns it on the reply
+// (Result.Traceparent) and in the run's usage record.
+func WithTraceparent(tp string) RunOption {
+	return func(o *runOptions) error {
+		if protocol.Traceparent(tp) == "" {
+			return fmt.Errorf("%w: traceparent %q is not a W3C traceparent", ErrInvalidOption, tp)
+		}
+		o.traceparent = tp
 		return nil
 	}
 }
@@ -268,11 +303,11 @@ func (c *Client) Run(ctx context.Context, isolateKey, code string, opts ...RunOp
 	if id == "" {
 		id = uuid.NewString()
 	}
-	return c.send(ctx, id, protocol.Shard(isolateKey, c.shards), deadline, data)
+	return c.send(ctx, id, protocol.Shard(isolateKey, c.shards), deadline, data, o.traceparent)
 }
 
 // send publishes one encoded request and waits for its reply.
-func (c *Client) send(ctx context.Context, id string, shard int, deadline time.Time, data []byte) (*Result, error) {
+func (c *Client) send(ctx context.Context, id string, shard int, deadline time.Time, data []byte, traceparent string) (*Result, error) {
 	cl := &call{reply: make(chan *nats.Msg, 1), ack: make(chan *nats.Msg, 1)}
 	c.mu.Lock()
 	if c.closed {
@@ -296,28 +331,51 @@ func (c *Client) send(ctx context.Context, id string, shard int, deadline time.T
 	msg.Header.Set(protocol.HeaderReplyTo, c.inbox+token+".r")
 	msg.Header.Set(protocol.HeaderDeadline, strconv.FormatInt(deadline.UnixMilli(), 10))
 	msg.Header.Set(protocol.HeaderReplyAck, "1")
+	if traceparent != "" {
+		msg.Header.Set(protocol.HeaderTraceparent, traceparent)
+	}
 	// Let the stream drop the request by itself once nobody waits for it.
 	ttl := time.Until(deadline) + c.ttlSlack
 	msg.Header.Set(jetstream.MsgTTLHeader, strconv.FormatInt(int64(ttl/time.Second)+1, 10)+"s")
-	if err := c.nc.PublishMsg(msg); err != nil {
-		return nil, fmt.Errorf("publish request: %w", err)
+	publish := func() error {
+		if err := c.nc.PublishMsg(msg); err != nil {
+			return fmt.Errorf("publish request: %w", err)
+		}
+		return nil
 	}
-
-	return cl.wait(ctx, id)
+	if err := publish(); err != nil {
+		return nil, err
+	}
+	return cl.wait(ctx, id, c.ackRetry, publish)
 }
 
 // wait returns the first of: the reply, the stream's refusal of the
 // request, the end of ctx. A reply needs no PubAck before it (the two
 // travel separately and either may come first), and when both are there
 // the reply wins: it is the answer the caller wants.
-func (cl *call) wait(ctx context.Context, id string) (*Result, error) {
-	acked := false
+//
+// Until the stream acknowledges the request, wait publishes it again every
+// retry (see ackRetry). Once it has, an acknowledgement that says
+// "duplicate" or "no stream" may be of a later copy: the request was
+// stored (an earlier copy), or the copy met a stream with no leader for
+// the moment; either way it waits on.
+func (cl *call) wait(ctx context.Context, id string, retry time.Duration, publish func() error) (*Result, error) {
+	acked, resent := false, false
+	t := time.NewTimer(retry)
+	defer t.Stop()
 	for {
 		select {
 		case m := <-cl.reply:
 			return decodeReply(id, m)
 		case m := <-cl.ack:
-			if err := checkAck(id, m); err != nil {
+			err := checkAck(id, m)
+			if err != nil && resent && (errors.Is(err, protocol.ErrDuplicateRequest) || errors.Is(err, ErrNoStream)) {
+				// A copy's answer: a duplicate means an earlier copy was
+				// stored; no stream means none took this copy (yet).
+				acked = acked || errors.Is(err, protocol.ErrDuplicateRequest)
+				continue
+			}
+			if err != nil {
 				select {
 				case m := <-cl.reply:
 					return decodeReply(id, m)
@@ -328,11 +386,19 @@ func (cl *call) wait(ctx context.Context, id string) (*Result, error) {
 				return nil, err
 			}
 			acked = true
+		case <-t.C:
+			if !acked {
+				// A failed publish (the connection closed) is retried
+				// at the next tick, until ctx ends.
+				_ = publish()
+				resent = true
+				t.Reset(retry)
+			}
 		case <-ctx.Done():
 			if !acked {
-				return nil, fmt.Errorf("request %s not acknowledged by the stream: %w", id, ctx.Err())
+				return nil, fmt.Errorf("request %s: %w: %w", id, ErrNotAcknowledged, ctx.Err())
 			}
-			return nil, fmt.Errorf("request %s: no reply: %w", id, ctx.Err())
+			return nil, fmt.Errorf("request %s: %w: %w", id, ErrNoReply, ctx.Err())
 		}
 	}
 }
@@ -352,6 +418,8 @@ func decodeReply(id string, m *nats.Msg) (*Result, error) {
 		ID:               rep.ID,
 		Worker:           rep.Worker,
 		RunTime:          time.Duration(rep.RunMicros) * time.Microsecond,
+		Usage:            rep.Usage,
+		Traceparent:      m.Header.Get(protocol.HeaderTraceparent),
 	}
 	if rep.Error != nil {
 		return res, rep.Error

@@ -44,6 +44,13 @@ func FuzzDecodeReply(f *testing.F) {
 		`{"id":99999999999999999999999999,"result":1}`, `{"id":1,"result":1e999999}`,
 		`{"id":1,"result":` + deep + `}`, `{"id":1,"result":` + deep[:10000] + deep[10001:20001] + `}`,
 		`{"id":1,"error":{"code":"timeout","message":` + deep + `}}`,
+		// Usage, well-formed and not.
+		`{"id":6,"result":1,"console":"","console_truncated":false,"usage":{"cpu_ns":123456,"rss":73699328,"peak_rss":73957376}}`,
+		`{"id":6,"error":{"code":"timeout","message":"slow"},"usage":{"cpu_ns":null,"rss":0,"peak_rss":0}}`,
+		`{"id":6,"result":1,"usage":{"cpu_ns":1,"rss":0,"peak_rss":0,"CPU_NS":0}}`,
+		`{"id":6,"result":1,"usage":{"cpu_ns":-1,"rss":0,"peak_rss":0}}`,
+		`{"id":6,"result":1,"usage":{"cpu_ns":1e3,"rss":0,"peak_rss":0}}`,
+		`{"id":6,"result":1,"Usage":{"cpu_ns":1,"rss":0,"peak_rss":0}}`,
 		// Not UTF-8.
 		"{\"id\":1,\"result\":\"\xff\"}", "{\"id\":1,\"result\":1,\"\xc3\":1}",
 	} {
@@ -65,7 +72,7 @@ func FuzzDecodeReply(f *testing.F) {
 		// last duplicate and folds case: none may be there to find.
 		var plain agentReply
 		if err := json.Unmarshal(body, &plain); err == nil { // it stops 10000 levels deep, counted from the frame
-			if plain.ID == nil || *plain.ID != *r.ID || !bytes.Equal(compact(t, plain.Result), compact(t, r.Result)) {
+			if plain.ID == nil || *plain.ID != *r.ID || !bytes.Equal(compact(t, plain.Result), compact(t, r.Result)) || !sameUsage(plain.Usage, r.Usage) {
 				t.Fatalf("a plain decoder reads %s differently", body)
 			}
 		}
@@ -78,7 +85,7 @@ func FuzzDecodeReply(f *testing.F) {
 		if err != nil {
 			t.Fatalf("re-encoded reply %s: %v", again, err)
 		}
-		if *r2.ID != *r.ID || (r2.Error == nil) != (r.Error == nil) || r2.Console != r.Console || r2.ConsoleTruncated != r.ConsoleTruncated {
+		if *r2.ID != *r.ID || (r2.Error == nil) != (r.Error == nil) || r2.Console != r.Console || r2.ConsoleTruncated != r.ConsoleTruncated || !sameUsage(r2.Usage, r.Usage) {
 			t.Fatalf("re-encoded reply %s decodes to %+v, not %+v", again, r2, r)
 		}
 	})
@@ -99,6 +106,11 @@ func checkReply(t *testing.T, r *agentReply) {
 		}
 		if len(r.Error.Message) > maxMessageBytes {
 			t.Fatalf("accepted a message of %d bytes", len(r.Error.Message))
+		}
+	}
+	if u := r.Usage; u != nil {
+		if u.CPUNanos != nil && (*u.CPUNanos < 0 || *u.CPUNanos > maxUsageCPUNanos) || u.RSS < 0 || u.RSS > maxUsageBytes || u.PeakRSS < 0 || u.PeakRSS > maxUsageBytes {
+			t.Fatalf("accepted usage %+v out of bounds", *u)
 		}
 	}
 	if r.Result != nil && !json.Valid(r.Result) {
@@ -186,4 +198,15 @@ func referenceFrames(stream []byte, limit int) ([][]byte, bool) {
 		stream = stream[4+n:]
 	}
 	return frames, false
+}
+
+// sameUsage reports whether two decoded usage objects say the same.
+func sameUsage(a, b *agentUsage) bool {
+	if a == nil || b == nil {
+		return a == b
+	}
+	if (a.CPUNanos == nil) != (b.CPUNanos == nil) || a.CPUNanos != nil && *a.CPUNanos != *b.CPUNanos {
+		return false
+	}
+	return a.RSS == b.RSS && a.PeakRSS == b.PeakRSS
 }

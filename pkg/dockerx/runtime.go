@@ -140,7 +140,8 @@ func (r *Runtime) callCtx(ctx context.Context) (context.Context, context.CancelF
 }
 
 // Create makes a sandbox ready to run code: created hardened, attached,
-// started, and its agent has answered. tenant is the isolate key it is for
+// started, and its agent has answered. tenant is the tenant it is for
+// (protocol.TenantKey: the isolate key within its application)
 // ("" for a free sandbox; it then carries no LabelTenant). ctx bounds the
 // whole of it (Config.CreateTimeout when ctx has no deadline), every Docker
 // call also by Config.CallTimeout. Any failure after the container was
@@ -153,7 +154,7 @@ func (r *Runtime) Create(ctx context.Context, tenant string) (*Sandbox, error) {
 		defer cancel()
 	}
 	if tenant != "" {
-		if err := protocol.ValidateIsolateKey(tenant); err != nil {
+		if err := protocol.ValidateTenantKey(tenant); err != nil {
 			return nil, fmt.Errorf("create sandbox: %w", err)
 		}
 	}

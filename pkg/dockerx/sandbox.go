@@ -221,6 +221,12 @@ func (s *Sandbox) result(o outcome) (*protocol.Result, error) {
 	}
 	r := o.reply
 	res := &protocol.Result{Console: r.Console, ConsoleTruncated: r.ConsoleTruncated}
+	if u := r.Usage; u != nil {
+		if u.CPUNanos != nil {
+			res.Usage.CPUMicros, res.Usage.CPUMeasured = *u.CPUNanos/1000, true
+		}
+		res.Usage.MemoryBytes, res.Usage.MemoryPeakBytes = u.RSS, u.PeakRSS
+	}
 	if len(res.Console) > s.rt.cfg.MaxConsoleBytes {
 		res.Console = truncate(res.Console, s.rt.cfg.MaxConsoleBytes)
 		res.ConsoleTruncated = true

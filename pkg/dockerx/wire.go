@@ -39,7 +39,26 @@ type agentReply struct {
 	Error            *protocol.Error `json:"error,omitempty"`
 	Console          string          `json:"console"`
 	ConsoleTruncated bool            `json:"console_truncated"`
+	// Usage is what the agent measured of a run (absent on pings).
+	Usage *agentUsage `json:"usage,omitempty"`
 }
+
+// agentUsage is the agent's measure of a run: its snippet thread's CPU
+// time (nil when it could not be read) and the sandbox process's resident
+// memory at the end of the run and at its peak, in bytes.
+type agentUsage struct {
+	CPUNanos *int64 `json:"cpu_ns"`
+	RSS      int64  `json:"rss"`
+	PeakRSS  int64  `json:"peak_rss"`
+}
+
+// Bounds of the figures in a usage object: over them the frame is a
+// violation. No run takes more CPU than its timeout (60 s) on every core
+// of a large machine; no sandbox holds a TiB.
+const (
+	maxUsageCPUNanos = int64(1) << 50 // 13 days
+	maxUsageBytes    = int64(1) << 40
+)
 
 // agentCodes are the error codes an agent may answer with; any other is a
 // protocol violation.
@@ -90,6 +109,8 @@ func violation(format string, args ...any) error {
 // is an object with both its keys, result is one JSON value (null
 // included); no other field may be null. id and exactly one of result and
 // error are present, and the error's code is one an agent may answer with.
+// usage, optional, is an object of exactly cpu_ns (an integer in [0, 2^50]
+// or null), rss and peak_rss (integers in [0, 2^40]).
 //
 // The objects are walked key by key (see eachMember), and each value is
 // read whole into a json.RawMessage: a result of hundreds of KiB is
@@ -146,6 +167,12 @@ func decodeReply(body []byte) (*agentReply, error) {
 			default:
 				return errors.New("console_truncated is not a boolean")
 			}
+		case "usage":
+			u, err := decodeUsage(v)
+			if err != nil {
+				return err
+			}
+			r.Usage = u
 		default:
 			return fmt.Errorf("unknown field %q", truncate(key, 64))
 		}
@@ -167,6 +194,56 @@ func decodeReply(body []byte) (*agentReply, error) {
 		r.Error.Message = truncate(r.Error.Message, maxMessageBytes)
 	}
 	return &r, nil
+}
+
+// decodeUsage checks and reads the usage object of a reply (see
+// decodeReply): all three keys, each once, each a bounded integer, cpu_ns
+// possibly null.
+func decodeUsage(v json.RawMessage) (*agentUsage, error) {
+	if v[0] != '{' {
+		return nil, errors.New("usage is not an object")
+	}
+	var u agentUsage
+	var n int
+	err := eachMember(v, func(key string, v json.RawMessage) error {
+		n++
+		switch key {
+		case "cpu_ns":
+			if string(v) == "null" {
+				return nil
+			}
+			x, err := boundedInt(key, v, maxUsageCPUNanos)
+			u.CPUNanos = &x
+			return err
+		case "rss":
+			x, err := boundedInt(key, v, maxUsageBytes)
+			u.RSS = x
+			return err
+		case "peak_rss":
+			x, err := boundedInt(key, v, maxUsageBytes)
+			u.PeakRSS = x
+			return err
+		default:
+			return fmt.Errorf("usage has an unknown field %q", truncate(key, 64))
+		}
+	})
+	if err != nil {
+		return nil, err
+	}
+	if n != 3 {
+		return nil, errors.New("usage lacks one of cpu_ns, rss and peak_rss")
+	}
+	return &u, nil
+}
+
+// boundedInt returns the JSON value v as an integer in [0, max]: digits
+// only (no sign, fraction or exponent), or an error naming key.
+func boundedInt(key string, v json.RawMessage, max int64) (int64, error) {
+	x, err := strconv.ParseInt(string(v), 10, 64)
+	if err != nil || x < 0 || x > max || v[0] == '+' || (len(v) > 1 && v[0] == '0') {
+		return 0, fmt.Errorf("%s %s is not an integer in [0, %d]", key, truncate(string(v), 32), max)
+	}
+	return x, nil
 }
 
 // errTrailing: a frame holds more than one JSON value.

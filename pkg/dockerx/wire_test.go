@@ -31,6 +31,20 @@ func TestDecodeReply(t *testing.T) {
 		{name: "array", give: `[1]`, wantErr: "not a reply"},
 		{name: "negative id", give: `{"id":-1,"result":1}`, wantErr: "not a reply"},
 		{name: "bad utf8", give: "{\"id\":1,\"result\":\"\xff\"}", wantErr: "UTF-8"},
+		{name: "usage", give: `{"id":1,"result":1,"usage":{"cpu_ns":1500,"rss":1048576,"peak_rss":2097152}}`, want: `1`},
+		{name: "usage without cpu", give: `{"id":1,"result":1,"usage":{"cpu_ns":null,"rss":0,"peak_rss":0}}`, want: `1`},
+		{name: "usage negative cpu", give: `{"id":1,"result":1,"usage":{"cpu_ns":-1,"rss":0,"peak_rss":0}}`, wantErr: "cpu_ns -1"},
+		{name: "usage fractional", give: `{"id":1,"result":1,"usage":{"cpu_ns":1.5,"rss":0,"peak_rss":0}}`, wantErr: "cpu_ns 1.5"},
+		{name: "usage exponent", give: `{"id":1,"result":1,"usage":{"cpu_ns":1e9,"rss":0,"peak_rss":0}}`, wantErr: "cpu_ns 1e9"},
+		{name: "usage huge", give: `{"id":1,"result":1,"usage":{"cpu_ns":0,"rss":1099511627777,"peak_rss":0}}`, wantErr: "rss 1099511627777"},
+		{name: "usage string", give: `{"id":1,"result":1,"usage":{"cpu_ns":"5","rss":0,"peak_rss":0}}`, wantErr: "cpu_ns"},
+		{name: "usage null rss", give: `{"id":1,"result":1,"usage":{"cpu_ns":0,"rss":null,"peak_rss":0}}`, wantErr: "rss null"},
+		{name: "usage missing key", give: `{"id":1,"result":1,"usage":{"cpu_ns":0,"rss":0}}`, wantErr: "lacks"},
+		{name: "usage extra key", give: `{"id":1,"result":1,"usage":{"cpu_ns":0,"rss":0,"peak_rss":0,"wall_ns":0}}`, wantErr: "unknown field"},
+		{name: "usage duplicate key", give: `{"id":1,"result":1,"usage":{"cpu_ns":9,"rss":0,"peak_rss":0,"cpu_ns":0}}`, wantErr: "duplicate key"},
+		{name: "usage twice", give: `{"id":1,"result":1,"usage":{"cpu_ns":9,"rss":0,"peak_rss":0},"usage":{"cpu_ns":0,"rss":0,"peak_rss":0}}`, wantErr: "duplicate key"},
+		{name: "usage not an object", give: `{"id":1,"result":1,"usage":[1,2,3]}`, wantErr: "not an object"},
+		{name: "usage null", give: `{"id":1,"result":1,"usage":null}`, wantErr: "not an object"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/google/uuid"
@@ -34,16 +35,21 @@ const callTTLSlack = 5 * time.Second
 // adds: a worker that dies after taking a call and before the stream
 // stored it loses the call; its caller sees a timeout, and may retry.
 //
-// Applications as NATS accounts: the fleet account will export this
-// subject as a service and each application account import it, the import
-// mapping it to CallSubject + "." + <application>. The application then
-// comes from the subject a call arrives on (req.Subject()), a token the
-// caller cannot forge; today there is one application and the subject has
-// no such token.
+// Applications as NATS accounts: an application's CallSubject arrives on
+// protocol.AppCallSubject (its import maps it there; a token the caller
+// cannot forge); its request is stored on protocol.CalledSubject, which
+// only workers publish to, so the reply goes to the call's reply subject
+// as it is: the response subject the server made for this call.
 func (w *Worker) call(req micro.Request) {
 	taken := time.Now()
 	c := &w.calls
 	c.calls.Add(1)
+	app, ok := w.callApp(req.Subject())
+	if !ok {
+		c.dropped.Add(1)
+		w.log.Debug().Str("subject", req.Subject()).Msg("call on a subject that names no valid application: dropped")
+		return
+	}
 	replyTo := req.Reply()
 	if replyTo == "" {
 		// Nobody to tell: a publish, not a request.
@@ -88,23 +94,51 @@ func (w *Worker) call(req micro.Request) {
 		w.answerCall(replyTo, "", protocol.Errorf(protocol.CodeShuttingDown, "worker %s is stopping: retry", w.cfg.WorkerID))
 		return
 	}
+	traceparent := protocol.Traceparent(req.Headers().Get(protocol.HeaderTraceparent))
 	c.pending.Add(1)
 	go func() {
 		defer w.callers.Done()
 		defer func() { <-w.callSlots; c.pending.Add(-1) }()
-		w.queueCall(r, req.Data(), replyTo, deadline, taken)
+		w.queueCall(app, r, req.Data(), replyTo, deadline, taken, traceparent)
 	}()
+}
+
+// callApp returns the application of a call from the subject it came on.
+func (w *Worker) callApp(subject string) (string, bool) {
+	if subject == protocol.CallSubject(w.cfg.Prefix) {
+		return protocol.DefaultApplication, true
+	}
+	rest, ok := strings.CutPrefix(subject, w.cfg.Prefix+".app.")
+	if !ok {
+		return "", false
+	}
+	app, ok := strings.CutSuffix(rest, ".call")
+	if !ok || protocol.ValidateApplication(app) != nil {
+		return "", false
+	}
+	return app, true
+}
+
+// callSubject is where a call of app is stored in the request stream.
+func (w *Worker) callSubject(app string, shard int) string {
+	if app == protocol.DefaultApplication {
+		return protocol.RunSubject(w.cfg.Prefix, shard)
+	}
+	return protocol.CalledSubject(w.cfg.Prefix, app, shard)
 }
 
 // queueCall publishes a call's request to the stream and answers the
 // caller at once when the stream does not take it.
-func (w *Worker) queueCall(r *protocol.Request, body []byte, replyTo string, deadline, taken time.Time) {
+func (w *Worker) queueCall(app string, r *protocol.Request, body []byte, replyTo string, deadline, taken time.Time, traceparent string) {
 	id := uuid.NewString()
-	m := nats.NewMsg(protocol.RunSubject(w.cfg.Prefix, protocol.Shard(r.IsolateKey, w.cfg.Shards)))
+	m := nats.NewMsg(w.callSubject(app, protocol.Shard(r.IsolateKey, w.cfg.Shards)))
 	m.Data = body
 	m.Header.Set(protocol.HeaderMsgID, id)
 	m.Header.Set(protocol.HeaderReplyTo, replyTo)
 	m.Header.Set(protocol.HeaderDeadline, strconv.FormatInt(deadline.UnixMilli(), 10))
+	if traceparent != "" {
+		m.Header.Set(protocol.HeaderTraceparent, traceparent)
+	}
 	// No Isode-Reply-Ack: a plain caller does not confirm replies.
 
 	ctx, cancel := context.WithTimeout(context.Background(), callAckTimeout)
@@ -141,7 +175,7 @@ func callRefusal(id, prefix string, err error) *protocol.Error {
 // the same reply JSON and headers as the stream's path.
 func (w *Worker) answerCall(replyTo, id string, err error) {
 	w.calls.fail(protocol.CodeOf(err))
-	hdr, data := w.encodeReply(id, err, nil, 0)
+	hdr, data := w.encodeReply(id, err, nil, 0, nil)
 	if err := w.out.publish(&nats.Msg{Subject: replyTo, Header: hdr, Data: data}); err != nil {
 		w.log.Debug().Err(err).Msg("answer a call")
 	}

@@ -59,6 +59,12 @@ func TestCallRoundTripNextToTheClient(t *testing.T) {
 	if h := got.Header.Get(protocol.HeaderServiceErrorCode); h != "" {
 		t.Errorf("a result with %s: %s", protocol.HeaderServiceErrorCode, h)
 	}
+	// A trace context comes back through the door too.
+	const tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+	got, _ = callRaw(t, e.nc, []byte(`{"v":1,"isolate_key":"acme","code":"return 1"}`), nats.Header{protocol.HeaderTraceparent: []string{tp}})
+	if h := got.Header.Get(protocol.HeaderTraceparent); h != tp {
+		t.Errorf("traceparent through the door: %q", h)
+	}
 	// The other door, on the same worker, at the same time.
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -66,8 +72,8 @@ func TestCallRoundTripNextToTheClient(t *testing.T) {
 	if err != nil || string(res.Value) != "7" {
 		t.Fatalf("client: %v %v", res, err)
 	}
-	if n := runs.Load(); n != 2 {
-		t.Errorf("%d runs, want 2", n)
+	if n := runs.Load(); n != 3 {
+		t.Errorf("%d runs, want 3", n)
 	}
 }
 
@@ -306,8 +312,10 @@ func TestMicroDiscoveryShowsEveryWorker(t *testing.T) {
 	workers := map[string]bool{}
 	for _, in := range infos {
 		workers[in.Metadata["worker"]] = true
-		if in.Name != "isode" || in.Version == "" || len(in.Endpoints) != 1 ||
-			in.Endpoints[0].Subject != "isode.call" || in.Endpoints[0].QueueGroup != "isode" {
+		// The implicit application's door, and the application accounts'.
+		if in.Name != "isode" || in.Version == "" || len(in.Endpoints) != 2 ||
+			in.Endpoints[0].Subject != "isode.call" || in.Endpoints[0].QueueGroup != "isode" ||
+			in.Endpoints[1].Subject != "isode.app.*.call" || in.Endpoints[1].QueueGroup != "isode" {
 			t.Errorf("info %+v", in)
 		}
 	}

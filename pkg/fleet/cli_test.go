@@ -4,55 +4,17 @@ import (
 	"context"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
-)
 
-// natsCLI returns the path of the official nats CLI (natscli v0.5.0, which
-// .ci/run installs with go install): $ISODE_NATS_CLI, else nats on PATH,
-// else in $GOBIN or the first $GOPATH's bin (go install's targets). Without
-// it the test skips, except under CI, where it fails.
-func natsCLI(t *testing.T) string {
-	t.Helper()
-	if p := os.Getenv("ISODE_NATS_CLI"); p != "" {
-		return p
-	}
-	if p, err := exec.LookPath("nats"); err == nil {
-		return p
-	}
-	var dirs []string
-	if d := os.Getenv("GOBIN"); d != "" {
-		dirs = append(dirs, d)
-	}
-	gopath := os.Getenv("GOPATH")
-	if gopath == "" {
-		if home, err := os.UserHomeDir(); err == nil {
-			gopath = filepath.Join(home, "go")
-		}
-	}
-	if gopath != "" {
-		dirs = append(dirs, filepath.Join(filepath.SplitList(gopath)[0], "bin"))
-	}
-	for _, d := range dirs {
-		p := filepath.Join(d, "nats")
-		if fi, err := os.Stat(p); err == nil && !fi.IsDir() {
-			return p
-		}
-	}
-	msg := "no nats CLI (go install github.com/nats-io/natscli/nats@v0.5.0) on PATH, in $GOBIN or in $GOPATH/bin"
-	if os.Getenv("CI") != "" {
-		t.Fatal(msg)
-	}
-	t.Skip(msg)
-	return ""
-}
+	"github.com/isode-run/isode/internal/testenv"
+)
 
 // TestNATSCLI calls the fleet with the official nats CLI, as the README
 // tells a new user to: nats req isode.call, nats micro ls/info/stats.
 func TestNATSCLI(t *testing.T) {
-	cli := natsCLI(t)
+	cli := testenv.NATSCLI(t)
 	e := newEnv(t)
 	startWorker(t, e, echo, testConfig("cli-worker"))
 	home := t.TempDir() // no user's contexts

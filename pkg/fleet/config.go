@@ -69,6 +69,13 @@ type Config struct {
 	// stream rejects new requests at once (the client sees "overloaded").
 	StreamMaxMsgs  int64
 	StreamMaxBytes int64
+	// StreamMaxPerSubject bounds the requests one application holds in
+	// the stream for one shard (every application's shard is a subject of
+	// its own); past it that application's new requests for the shard are
+	// refused (overloaded) while others' are still taken. One application
+	// can hold at most Shards times this, so keep StreamMaxMsgs well above
+	// that. Only applies when the stream is created or had no such limit.
+	StreamMaxPerSubject int64
 	// StreamReplicas is the stream's replication factor (clustered NATS).
 	StreamReplicas int
 	// StreamMemory keeps the request stream in memory instead of files: a
@@ -103,35 +110,48 @@ type Config struct {
 	// it is answered overloaded at once.
 	MaxPendingCalls int
 
+	// OnUsage, when set, is given the usage record of every request this
+	// worker answers, when it answers (see protocol.UsageRecord): on the
+	// answering goroutine, so it must be quick and must not keep rec.
+	OnUsage func(rec *protocol.UsageRecord)
+	// Tenants bounds the tenants whose totals a worker keeps by name; the
+	// least busy of them is folded into protocol.OtherTenants when a new
+	// one comes. StatsTenants is how many, busiest first, its stats list.
+	Tenants      int
+	StatsTenants int
+
 	Logger zerolog.Logger
 }
 
 // DefaultConfig returns the defaults.
 func DefaultConfig() Config {
 	return Config{
-		Prefix:          protocol.DefaultPrefix,
-		Shards:          protocol.DefaultShards,
-		Capacity:        256,
-		AckWait:         5 * time.Second,
-		FetchWait:       10 * time.Second,
-		PullHeartbeat:   time.Second,
-		PullBuffer:      2,
-		MaxDeliver:      -1,
-		MaxFailures:     3,
-		MaxQueueWait:    time.Minute,
-		MaxControlLine:  4096,
-		StreamMaxMsgs:   100_000,
-		StreamMaxBytes:  1 << 30,
-		StreamReplicas:  1,
-		DuplicateWindow: 2 * time.Minute,
-		MaxTimeout:      protocol.MaxTimeout,
-		ReplyCacheTTL:   2 * time.Minute,
-		ReplyCacheBytes: 8 << 20,
-		RetryDelay:      250 * time.Millisecond,
-		Heartbeat:       500 * time.Millisecond,
-		MemberTTL:       2 * time.Second,
-		MaxPendingCalls: 1024,
-		Logger:          zerolog.Nop(),
+		Prefix:              protocol.DefaultPrefix,
+		Shards:              protocol.DefaultShards,
+		Capacity:            256,
+		AckWait:             5 * time.Second,
+		FetchWait:           10 * time.Second,
+		PullHeartbeat:       time.Second,
+		PullBuffer:          2,
+		MaxDeliver:          -1,
+		MaxFailures:         3,
+		MaxQueueWait:        time.Minute,
+		MaxControlLine:      4096,
+		StreamMaxMsgs:       100_000,
+		StreamMaxPerSubject: 1000,
+		StreamMaxBytes:      1 << 30,
+		StreamReplicas:      1,
+		DuplicateWindow:     2 * time.Minute,
+		MaxTimeout:          protocol.MaxTimeout,
+		ReplyCacheTTL:       2 * time.Minute,
+		ReplyCacheBytes:     8 << 20,
+		RetryDelay:          250 * time.Millisecond,
+		Heartbeat:           500 * time.Millisecond,
+		MemberTTL:           2 * time.Second,
+		MaxPendingCalls:     1024,
+		Tenants:             1000,
+		StatsTenants:        20,
+		Logger:              zerolog.Nop(),
 	}
 }
 
@@ -161,6 +181,8 @@ func (c *Config) Validate() error {
 		return bad("max deliver", "%d must be at least 1, or -1 for unlimited", c.MaxDeliver)
 	case c.StreamMaxMsgs < 1:
 		return bad("stream max msgs", "%d must be at least 1", c.StreamMaxMsgs)
+	case c.StreamMaxPerSubject < 1:
+		return bad("stream max per subject", "%d must be at least 1", c.StreamMaxPerSubject)
 	case c.StreamMaxBytes < protocol.MaxRequestBytes:
 		return bad("stream max bytes", "%d must hold at least one request (%d bytes)", c.StreamMaxBytes, protocol.MaxRequestBytes)
 	case c.StreamReplicas < 1 || c.StreamReplicas > 5:
@@ -179,6 +201,10 @@ func (c *Config) Validate() error {
 		return bad("max failures", "%d is not in [1, 100]", c.MaxFailures)
 	case c.MaxQueueWait < time.Second || c.MaxQueueWait > 24*time.Hour:
 		return bad("max queue wait", "%v is not in [1s, 24h]", c.MaxQueueWait)
+	case c.Tenants < 1 || c.Tenants > 100_000:
+		return bad("tenants", "%d is not in [1, 100000]", c.Tenants)
+	case c.StatsTenants < 0 || c.StatsTenants > c.Tenants:
+		return bad("stats tenants", "%d is not in [0, tenants]", c.StatsTenants)
 	case c.MaxPendingCalls < 1:
 		return bad("max pending calls", "%d must be at least 1", c.MaxPendingCalls)
 	case c.MaxControlLine < 512 || c.MaxControlLine > 1<<20:

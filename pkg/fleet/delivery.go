@@ -9,6 +9,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
 
 	"github.com/isode-run/isode/pkg/protocol"
 )
@@ -41,15 +42,20 @@ type delivery struct {
 	replyTo string
 	id      string
 	key     string // reply cache and runs in flight: see messageKey
-	tenant  string
+	app     string // the application that sent it (protocol.Route.App)
+	tenant  string // protocol.TenantKey
 	// deadline is the request's budgeted deadline (zero before it is
 	// known): replies are offered again until it passes.
 	deadline time.Time
 	runTime  time.Duration
+	// traceparent is the request's W3C trace context (empty without a
+	// valid one): on its log lines, its reply and its usage record.
+	traceparent string
 }
 
 func (w *Worker) newDelivery(msg jetstream.Msg, shard int) *delivery {
 	d := &delivery{w: w, msg: msg, shard: shard, began: time.Now()}
+	d.traceparent = protocol.Traceparent(msg.Headers().Get(protocol.HeaderTraceparent))
 	d.stored = d.began
 	if md, err := msg.Metadata(); err == nil {
 		d.md = md
@@ -60,17 +66,28 @@ func (w *Worker) newDelivery(msg jetstream.Msg, shard int) *delivery {
 
 // answer builds the reply to the request, caches it for redeliveries and
 // sends it.
+//
+// Every answer made here (not a copy sent again from the reply cache) is
+// metered once: its usage goes on the reply and in a usage record.
 func (d *delivery) answer(runErr error, res *protocol.Result, runTime time.Duration) {
 	d.runTime = runTime
-	hdr, data := d.w.encodeReply(d.id, runErr, res, runTime)
-	outcome := "ok"
+	var u *protocol.Usage
+	if d.tenant != "" {
+		u = d.usageOf(res, runTime)
+	}
+	hdr, data := d.w.encodeReply(d.id, runErr, res, runTime, u)
+	if d.traceparent != "" {
+		hdr.Set(protocol.HeaderTraceparent, d.traceparent)
+	}
+	outcome := protocol.CodeOK
 	if code := hdr.Get(protocol.HeaderErrorCode); code != "" {
 		outcome = code
-		if code == string(protocol.CodeDeadLettered) {
-			// Not cached: a redelivery must find the ledger, not a reply.
-			d.send(hdr, data, outcome)
-			return
-		}
+	}
+	d.meter(outcome, u)
+	if outcome == string(protocol.CodeDeadLettered) {
+		// Not cached: a redelivery must find the ledger, not a reply.
+		d.send(hdr, data, outcome)
+		return
 	}
 	if d.key != "" {
 		d.w.cache.put(&cached{id: d.key, reply: data, header: hdr, deadline: d.deadline}, time.Now())
@@ -125,7 +142,7 @@ func (d *delivery) sendConfirmed(out *nats.Msg) {
 		case delivered:
 			d.ack()
 		case !time.Now().Before(d.deadline):
-			w.log.Warn().Str("id", d.id).Str("subject", d.replyTo).
+			d.logger().Warn().Str("id", d.id).Str("subject", d.replyTo).
 				Msg("reply never confirmed by the requester before the request's deadline; giving up")
 			d.ack()
 		default:
@@ -149,7 +166,7 @@ func (d *delivery) sendConfirmed(out *nats.Msg) {
 // publishBestEffort publishes a reply that is sent once whatever happens.
 func (d *delivery) publishBestEffort(out *nats.Msg) {
 	if err := d.w.out.publish(out); err != nil {
-		d.w.log.Warn().Err(err).Str("id", d.id).Int("shard", d.shard).Msg("publish reply")
+		d.logger().Warn().Err(err).Str("id", d.id).Int("shard", d.shard).Msg("publish reply")
 	}
 }
 
@@ -162,7 +179,7 @@ func (d *delivery) publishFailed(err error) {
 		d.deadLetter("the reply cannot be published: " + err.Error())
 		return
 	}
-	d.w.log.Warn().Err(err).Str("id", d.id).Int("shard", d.shard).Msg("publish reply; the request will be offered again")
+	d.logger().Warn().Err(err).Str("id", d.id).Int("shard", d.shard).Msg("publish reply; the request will be offered again")
 	d.nak(d.w.retryDelay(d.msg))
 }
 
@@ -179,7 +196,7 @@ func (d *delivery) failures() uint64 {
 	defer cancel()
 	h, err := d.w.ledger.handBacks(ctx, d.md.Sequence.Stream)
 	if err != nil {
-		d.w.log.Warn().Err(err).Str("id", d.id).Msg("read the deliveries ledger")
+		d.logger().Warn().Err(err).Str("id", d.id).Msg("read the deliveries ledger")
 		return 0
 	}
 	if unanswered := d.md.NumDelivered - 1; unanswered > h {
@@ -196,7 +213,7 @@ func (d *delivery) handBack(delay time.Duration, outcome string) {
 		err := d.w.ledger.recordHandBack(ctx, d.md.Sequence.Stream)
 		cancel()
 		if err != nil {
-			d.w.log.Warn().Err(err).Str("id", d.id).Msg("record a hand-back in the deliveries ledger")
+			d.logger().Warn().Err(err).Str("id", d.id).Msg("record a hand-back in the deliveries ledger")
 		}
 	}
 	d.nak(delay)
@@ -211,7 +228,7 @@ func (d *delivery) deadLetter(reason string) {
 	if d.md != nil {
 		n = d.md.NumDelivered
 	}
-	w.log.Warn().Str("id", d.id).Int("shard", d.shard).Str("tenant", d.tenant).Uint64("deliveries", n).
+	d.logger().Warn().Str("id", d.id).Int("shard", d.shard).Str("app", d.app).Str("tenant", d.tenant).Uint64("deliveries", n).
 		Str("reason", reason).Msg("request dead-lettered")
 	ours := nats.Header{}
 	ours.Set(protocol.HeaderDeadReason, reason)
@@ -237,20 +254,20 @@ func (d *delivery) deadLetter(reason string) {
 		err = w.out.publish(&nats.Msg{Subject: subject, Header: ours, Data: d.msg.Data()})
 	}
 	if err != nil {
-		w.log.Warn().Err(err).Str("id", d.id).Msg("publish a dead letter")
+		d.logger().Warn().Err(err).Str("id", d.id).Msg("publish a dead letter")
 	}
 	d.term(reason)
 }
 
 func (d *delivery) ack() {
 	if err := d.msg.Ack(); err != nil {
-		d.w.log.Warn().Err(err).Msg("ack request")
+		d.logger().Warn().Err(err).Msg("ack request")
 	}
 }
 
 func (d *delivery) term(reason string) {
 	if err := d.msg.TermWithReason(truncate(headerValue(reason), 200)); err != nil {
-		d.w.log.Warn().Err(err).Msg("terminate request")
+		d.logger().Warn().Err(err).Msg("terminate request")
 	}
 }
 
@@ -262,11 +279,21 @@ func (d *delivery) nak(delay time.Duration) {
 		err = d.msg.Nak()
 	}
 	if err != nil {
-		d.w.log.Warn().Err(err).Msg("hand back request")
+		d.logger().Warn().Err(err).Msg("hand back request")
 	}
 }
 
 func (d *delivery) log(outcome string) {
-	d.w.log.Debug().Str("id", d.id).Int("shard", d.shard).Str("tenant", d.tenant).Str("outcome", outcome).
+	d.logger().Debug().Str("id", d.id).Int("shard", d.shard).Str("app", d.app).Str("tenant", d.tenant).Str("outcome", outcome).
 		Dur("run", d.runTime).Dur("took", time.Since(d.began)).Msg("request")
+}
+
+// logger is the worker's logger, with the request's trace context when it
+// has one, so that every line about this delivery carries it.
+func (d *delivery) logger() *zerolog.Logger {
+	if d.traceparent == "" {
+		return &d.w.log
+	}
+	l := d.w.log.With().Str("traceparent", d.traceparent).Logger()
+	return &l
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -482,6 +483,24 @@ func TestIncompatibleShardCountRefused(t *testing.T) {
 	defer cancel()
 	if err := w.Start(ctx); !errors.Is(err, fleet.ErrIncompatibleStream) {
 		t.Fatalf("err = %v, want ErrIncompatibleStream", err)
+	}
+}
+
+// A single NATS server cannot hold three replicas: Start says so, naming
+// the setting, rather than failing with the server's bare error.
+func TestReplicasASingleServerCannotHoldRefused(t *testing.T) {
+	e := newEnv(t)
+	cfg := testConfig("w1")
+	cfg.StreamReplicas = 3
+	w, err := fleet.New(e.nc, echo, nil, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	err = w.Start(ctx)
+	if !errors.Is(err, fleet.ErrReplicas) || !strings.Contains(err.Error(), "--stream-replicas") {
+		t.Fatalf("err = %v, want ErrReplicas naming --stream-replicas", err)
 	}
 }
 

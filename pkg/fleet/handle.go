@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"strconv"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -22,18 +23,27 @@ func (w *Worker) handle(msg jetstream.Msg, shard int) {
 	defer w.gate.release()
 	d := w.newDelivery(msg, shard)
 
-	if err := w.checkReplyTo(msg.Headers().Get(protocol.HeaderReplyTo)); err != nil {
+	// The application comes from the subject, which the server set (the
+	// application's import maps its requests there), never from a header.
+	route, ok := protocol.ParseStreamSubject(w.cfg.Prefix, msg.Subject())
+	if !ok || route.Shard != shard {
+		d.deadLetter("the request's subject " + strconv.Quote(truncate(msg.Subject(), 200)) + " is not one of shard " + strconv.Itoa(shard) + "'s request subjects")
+		return
+	}
+	d.app = route.App
+	replyTo, err := w.replyTarget(route, msg.Headers().Get(protocol.HeaderReplyTo))
+	if err != nil {
 		// Nobody can be told; the request can never be answered.
 		d.deadLetter(err.Error())
 		return
 	}
-	d.replyTo = msg.Headers().Get(protocol.HeaderReplyTo)
+	d.replyTo = replyTo
 	if err := protocol.ValidateRequestID(msg.Headers().Get(protocol.HeaderMsgID)); err != nil {
 		d.answer(err, nil, 0)
 		return
 	}
 	d.id = msg.Headers().Get(protocol.HeaderMsgID)
-	d.key = messageKey(msg, d.id)
+	d.key = messageKey(msg, route.App, d.id)
 
 	// A redelivery of a request this worker answered already: answer again.
 	if c, ok := w.cache.get(d.key, time.Now()); ok {
@@ -76,7 +86,7 @@ func (w *Worker) handle(msg jetstream.Msg, shard int) {
 		d.answer(err, nil, 0)
 		return
 	}
-	d.tenant = req.IsolateKey
+	d.tenant = protocol.TenantKey(route.App, req.IsolateKey)
 	if want := protocol.Shard(req.IsolateKey, w.cfg.Shards); want != shard {
 		d.answer(protocol.Errorf(protocol.CodeBadRequest,
 			"isolate key %q belongs to shard %d (FNV-1a 32 mod %d) but was published to shard %d", req.IsolateKey, want, w.cfg.Shards, shard), nil, 0)
@@ -97,7 +107,7 @@ func (w *Worker) handle(msg jetstream.Msg, shard int) {
 	ctx, cancel := context.WithDeadline(w.runCtx, b.deadline)
 	stop := w.keepAlive(msg)
 	runStart := time.Now()
-	res, err := w.run.Run(ctx, b.request(req))
+	res, err := w.run.Run(ctx, b.request(req, d.tenant))
 	runTime := time.Since(runStart)
 	stop()
 	cancel()
@@ -120,6 +130,25 @@ func (w *Worker) handle(msg jetstream.Msg, shard int) {
 		err = protocol.Errorf(protocol.CodeShuttingDown, "the worker stopped while the request ran")
 	}
 	d.answer(err, res, runTime)
+}
+
+// replyTarget is the subject a stored request's reply is published to,
+// from its HeaderReplyTo, checked. The implicit application's replies and
+// calls' go to that subject as it is (a call's is the reply subject the
+// server gave the call); another application's go under its ReplySubject,
+// which only that application imports: whatever a request names, its
+// reply stays in the namespace of the application that sent it.
+func (w *Worker) replyTarget(r protocol.Route, replyTo string) (string, error) {
+	if err := protocol.ValidateReplyTo(replyTo, w.cfg.Prefix); err != nil {
+		return "", err
+	}
+	if r.App != protocol.DefaultApplication && !r.Called {
+		replyTo = protocol.ReplySubject(w.cfg.Prefix, r.App, replyTo)
+	}
+	if err := w.out.replyFits(replyTo); err != nil {
+		return "", err
+	}
+	return replyTo, nil
 }
 
 // checkReplyTo checks a reply subject from outside (a request's, a stats
@@ -166,13 +195,16 @@ func (c *Config) budget(req *protocol.Request, from time.Time, header string) (b
 	return b, nil
 }
 
-// request returns req with the budget's run timeout.
-func (b budget) request(req *protocol.Request) *protocol.Request {
-	if req.Timeout() == b.run {
+// request returns req as the runner gets it: the budget's run timeout,
+// and the tenant (protocol.TenantKey) as its isolate key, so that two
+// applications' equal keys are two tenants.
+func (b budget) request(req *protocol.Request, tenant string) *protocol.Request {
+	if req.Timeout() == b.run && req.IsolateKey == tenant {
 		return req
 	}
 	r := *req
 	r.TimeoutMs = b.run.Milliseconds()
+	r.IsolateKey = tenant
 	return &r
 }
 
@@ -189,7 +221,10 @@ func (w *Worker) retryDelay(msg jetstream.Msg) time.Duration {
 
 // encodeReply builds the reply to a request and its headers. A reply that
 // would not fit in one NATS message becomes an output_too_large error.
-func (w *Worker) encodeReply(id string, runErr error, res *protocol.Result, runTime time.Duration) (nats.Header, []byte) {
+//
+// u, when set, is the request's usage: it is added to the reply, and its
+// BytesOut set to the size of the reply without it.
+func (w *Worker) encodeReply(id string, runErr error, res *protocol.Result, runTime time.Duration, u *protocol.Usage) (nats.Header, []byte) {
 	rep := protocol.Reply{V: protocol.Version, ID: id, Worker: w.cfg.WorkerID, RunMicros: runTime.Microseconds()}
 	if res != nil {
 		rep.Console, rep.ConsoleTruncated = res.Console, res.ConsoleTruncated
@@ -207,12 +242,14 @@ func (w *Worker) encodeReply(id string, runErr error, res *protocol.Result, runT
 			Error: protocol.Errorf(protocol.CodeInternal, "encode reply: %v", err)}
 		data, _ = json.Marshal(&rep)
 	}
+	data = withUsage(data, u)
 	hdr := replyHeader(id, rep.Error)
 	if room := w.out.room(hdr); len(data) > room {
 		size := len(data)
 		rep.Result, rep.Console, rep.ConsoleTruncated = nil, "", false
 		rep.Error = protocol.Errorf(protocol.CodeOutputTooLarge, "the reply is %d bytes, over this NATS server's message limit", size)
 		data, _ = json.Marshal(&rep)
+		data = withUsage(data, u)
 		hdr = replyHeader(id, rep.Error)
 	}
 	return hdr, data
@@ -241,10 +278,12 @@ func replyHeader(id string, e *protocol.Error) nats.Header {
 // stream's duplicate window has passed) has another body, and must never
 // be answered with the reply meant for the first. A body that matches
 // carries the same isolate key, which already grants running code in
-// that tenant's sandbox: the cache gives away nothing more.
-func messageKey(msg jetstream.Msg, id string) string {
+// that tenant's sandbox: the cache gives away nothing more. The
+// application is part of the key: another application's request with the
+// same id and body is another tenant's and never gets this reply.
+func messageKey(msg jetstream.Msg, app, id string) string {
 	sum := sha256.Sum256(msg.Data())
-	return id + "@" + hex.EncodeToString(sum[:16])
+	return app + "/" + id + "@" + hex.EncodeToString(sum[:16])
 }
 
 // joinInflight registers id as running here, or returns the channel of the

@@ -49,7 +49,7 @@ func openLedger(ctx context.Context, js jetstream.JetStream, c *Config) (*ledger
 		}
 	}
 	if err != nil {
-		return nil, fmt.Errorf("deliveries bucket %s: %w", cfg.Bucket, err)
+		return nil, fmt.Errorf("deliveries bucket %s: %w", cfg.Bucket, replicasRefusal(err, "KV_"+cfg.Bucket, cfg.Replicas))
 	}
 	return &ledger{kv: kv}, nil
 }

@@ -52,7 +52,7 @@ func (w *Worker) membersBucket(ctx context.Context) (jetstream.KeyValue, error) 
 		}
 	}
 	if err != nil {
-		return nil, fmt.Errorf("members bucket %s: %w", cfg.Bucket, err)
+		return nil, fmt.Errorf("members bucket %s: %w", cfg.Bucket, replicasRefusal(err, "KV_"+cfg.Bucket, cfg.Replicas))
 	}
 	return kv, nil
 }
@@ -127,7 +127,9 @@ func (w *Worker) membership(ctx context.Context, kv jetstream.KeyValue, ready ch
 	value, _ := json.Marshal(member{ID: self, Started: w.start})
 	seen := map[string]time.Time{} // member -> when its last put arrived here
 	var lastBeat time.Time         // our last successful put
-	var current []string           // live set last reconciled
+	var watchedSelf time.Time      // when the watch last showed our own put (or began)
+	var watcher jetstream.KeyWatcher
+	var current []string // live set last reconciled
 	var owned []int
 	first := true
 	var updates <-chan jetstream.KeyValueEntry
@@ -146,11 +148,46 @@ func (w *Worker) membership(ctx context.Context, kv jetstream.KeyValue, ready ch
 		}
 		lastBeat = time.Now()
 	}
+	frozen := false // the view is held while the bucket cannot be written
 	reconcile := func() {
 		now := time.Now()
-		// We serve only while we are sure the others still count us in:
-		// connected, and our last put young enough that it has not expired.
-		selfAlive := w.nc.IsConnected() && now.Sub(lastBeat) < w.cfg.MemberTTL-w.cfg.Heartbeat
+		// We count ourselves in while the others surely do: connected,
+		// and our last put young enough that it has not expired. And our
+		// view is current while the watch shows our own puts: then it
+		// shows the others' too.
+		limit := w.cfg.MemberTTL - w.cfg.Heartbeat
+		reachable := w.nc.IsConnected() && now.Sub(lastBeat) < limit && now.Sub(watchedSelf) < limit
+		if !first && !reachable && !w.nc.IsClosed() {
+			// Our heartbeats fail, we are reconnecting, or the watch has
+			// gone quiet: the members bucket has no leader for the moment
+			// (a NATS server died or is cut off, and every worker is in
+			// the same boat), the watch's consumer was on a server that
+			// died, or this worker is cut off. Either way the puts of the
+			// others do not reach us, so expiring them, or ourselves,
+			// would be believing a stale view: every worker would drop its
+			// shards, or take all of them. Hold the last view instead. If
+			// we are the one cut off, the others expire us and take our
+			// shards; two pullers of a shard for a while cost affinity,
+			// not answers (see above).
+			if !frozen {
+				frozen = true
+				log.Warn().Strs("members", current).Int("shards", len(owned)).
+					Msg("cannot announce this worker or hear the others: holding the last view of the fleet")
+				w.view.Store(&memberView{live: current, sure: false})
+			}
+			return
+		}
+		if frozen && reachable {
+			// Heard again: every member we knew gets a full TTL to show
+			// up before it is taken for dead.
+			frozen = false
+			for m := range seen {
+				seen[m] = now
+			}
+			log.Info().Msg("the members bucket answers again: the view is live")
+		}
+		// A connection closed for good: we serve nothing.
+		selfAlive := reachable
 		live := []string{}
 		for m, t := range seen {
 			switch {
@@ -192,7 +229,6 @@ func (w *Worker) membership(ctx context.Context, kv jetstream.KeyValue, ready ch
 		}
 	}
 
-	var watcher jetstream.KeyWatcher
 	defer func() {
 		if watcher != nil {
 			watcher.Stop()
@@ -211,6 +247,7 @@ func (w *Worker) membership(ctx context.Context, kv jetstream.KeyValue, ready ch
 			return
 		}
 		watcher, updates = wt, wt.Updates()
+		watchedSelf = time.Now()
 	}
 
 	beat()
@@ -244,7 +281,14 @@ func (w *Worker) membership(ctx context.Context, kv jetstream.KeyValue, ready ch
 				if initial && e.Created().Before(at) {
 					at = e.Created()
 				}
-				seen[e.Key()] = at
+				// Never back in time: a replay may date a key earlier
+				// than a put already seen, or than a hold's grace.
+				if at.After(seen[e.Key()]) {
+					seen[e.Key()] = at
+				}
+				if e.Key() == self {
+					watchedSelf = time.Now()
+				}
 			default:
 				delete(seen, e.Key())
 			}
@@ -263,6 +307,16 @@ func (w *Worker) membership(ctx context.Context, kv jetstream.KeyValue, ready ch
 			}
 			if updates == nil {
 				watch()
+				initial = updates != nil
+			}
+			// Our puts are stored but the watch has not shown one for a
+			// member TTL: its consumer was on a server that died, and the
+			// watcher would notice only after missed heartbeats (the view
+			// is held meanwhile, see reconcile). Watch afresh.
+			if updates != nil && lastBeat.Sub(watchedSelf) > w.cfg.MemberTTL {
+				log.Info().Msg("the members watch shows nothing: watching afresh")
+				watch()
+				initial = updates != nil
 			}
 			if !time.Now().Before(nextBeat) {
 				beat()

@@ -27,8 +27,12 @@ import (
 // may publish on $SRV.> chooses where a worker publishes its service
 // description. deploy/nats.conf lets only the ops user do so.
 
-// callEndpoint is the micro endpoint's name.
-const callEndpoint = "call"
+// callEndpoint and appCallEndpoint are the micro endpoints' names: the
+// implicit application's calls and the application accounts'.
+const (
+	callEndpoint    = "call"
+	appCallEndpoint = "app-call"
+)
 
 // serviceStats is what a worker's call endpoint reports as its stats data
 // (`nats micro stats isode --json`): the door's own counters, and the
@@ -90,13 +94,22 @@ func (w *Worker) startService() (micro.Service, error) {
 	if err != nil {
 		return nil, err
 	}
-	err = svc.AddEndpoint(callEndpoint, micro.HandlerFunc(w.call),
-		micro.WithEndpointSubject(protocol.CallSubject(w.cfg.Prefix)),
-		micro.WithEndpointQueueGroup(name),
-		micro.WithEndpointMetadata(map[string]string{
-			"body":  "protocol.Request JSON",
-			"reply": "protocol.Reply JSON",
-		}))
+	// The implicit application's calls, and the applications' (each
+	// application's account imports CallSubject mapped to
+	// protocol.AppCallSubject), in one queue group.
+	for _, ep := range []struct{ name, subject, note string }{
+		{callEndpoint, protocol.CallSubject(w.cfg.Prefix), ""},
+		{appCallEndpoint, protocol.AppCallWildcard(w.cfg.Prefix), "an application account's " + protocol.CallSubject(w.cfg.Prefix) + ", mapped by its import"},
+	} {
+		meta := map[string]string{"body": "protocol.Request JSON", "reply": "protocol.Reply JSON"}
+		if ep.note != "" {
+			meta["note"] = ep.note
+		}
+		if err = svc.AddEndpoint(ep.name, micro.HandlerFunc(w.call), micro.WithEndpointSubject(ep.subject),
+			micro.WithEndpointQueueGroup(name), micro.WithEndpointMetadata(meta)); err != nil {
+			break
+		}
+	}
 	if err != nil {
 		svc.Stop()
 		return nil, err

@@ -25,6 +25,36 @@ const (
 // retention).
 var ErrIncompatibleStream = errors.New("incompatible request stream")
 
+// ErrReplicas is returned when the NATS deployment cannot hold the
+// configured number of replicas (Config.StreamReplicas) of the request
+// stream or of a bucket: a single server asked for more than one, or a
+// cluster with fewer JetStream servers than replicas.
+var ErrReplicas = errors.New("NATS cannot hold the configured replicas")
+
+// JetStream error codes of a stream's creation that mean its replicas
+// cannot be placed (nats-server's server/errors.json).
+const (
+	errCodeReplicasNotSupported jetstream.ErrorCode = 10074 // JSStreamReplicasNotSupportedErr: a single server
+	errCodeClusterNoPeers       jetstream.ErrorCode = 10005 // JSClusterNoPeersErrF: no suitable peers for placement
+	errCodeInsufficientRes      jetstream.ErrorCode = 10023 // JSInsufficientResourcesErr
+)
+
+// replicasRefusal turns the server's refusal to place a stream's replicas
+// into ErrReplicas with what to do about it; other errors are returned as
+// they are.
+func replicasRefusal(err error, stream string, replicas int) error {
+	var apiErr *jetstream.APIError
+	if !errors.As(err, &apiErr) {
+		return err
+	}
+	switch apiErr.ErrorCode {
+	case errCodeReplicasNotSupported, errCodeClusterNoPeers, errCodeInsufficientRes:
+		return fmt.Errorf("%w: stream %s with %d replicas: the server says %q: connect to a NATS cluster with at least %d JetStream servers, or lower --stream-replicas",
+			ErrReplicas, stream, replicas, apiErr.Description, replicas)
+	}
+	return err
+}
+
 func (c *Config) streamConfig() jetstream.StreamConfig {
 	storage := jetstream.FileStorage
 	if c.StreamMemory {
@@ -32,15 +62,20 @@ func (c *Config) streamConfig() jetstream.StreamConfig {
 	}
 	return jetstream.StreamConfig{
 		Name:        protocol.StreamName(c.Prefix),
-		Description: "isode run requests, one subject per shard",
-		Subjects:    []string{protocol.RunWildcard(c.Prefix)},
+		Description: "isode run requests, one subject per application and shard",
+		Subjects:    protocol.StreamSubjects(c.Prefix),
 		Retention:   jetstream.WorkQueuePolicy,
 		Storage:     storage,
 		Discard:     jetstream.DiscardNew,
 		MaxMsgs:     c.StreamMaxMsgs,
-		MaxBytes:    c.StreamMaxBytes,
-		MaxMsgSize:  protocol.MaxRequestBytes + 16<<10,
-		Duplicates:  c.DuplicateWindow,
+		// Each application's shard is a subject: a full one refuses that
+		// application's new requests and nobody else's, and never drops
+		// a request it accepted.
+		MaxMsgsPerSubject:    c.StreamMaxPerSubject,
+		DiscardNewPerSubject: true,
+		MaxBytes:             c.StreamMaxBytes,
+		MaxMsgSize:           protocol.MaxRequestBytes + 16<<10,
+		Duplicates:           c.DuplicateWindow,
 		// A backstop: workers end every request they take within its
 		// bounded deadline; this drops one nobody takes.
 		MaxAge:      c.requestLifetime(),
@@ -68,7 +103,7 @@ func ensureStream(ctx context.Context, js jetstream.JetStream, c *Config) (jetst
 			return s, nil
 		}
 		if !errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
-			return nil, fmt.Errorf("create stream %s: %w", want.Name, err)
+			return nil, fmt.Errorf("create stream %s: %w", want.Name, replicasRefusal(err, want.Name, want.Replicas))
 		}
 		s, err = js.Stream(ctx, want.Name) // another worker made it meanwhile
 	}
@@ -79,19 +114,41 @@ func ensureStream(ctx context.Context, js jetstream.JetStream, c *Config) (jetst
 	switch {
 	case have.Retention != jetstream.WorkQueuePolicy:
 		return nil, fmt.Errorf("%w: stream %s has retention %v, want work queue", ErrIncompatibleStream, want.Name, have.Retention)
-	case !slices.Contains(have.Subjects, want.Subjects[0]):
+	case !slices.Contains(have.Subjects, protocol.RunWildcard(c.Prefix)):
 		return nil, fmt.Errorf("%w: stream %s has subjects %v, want %v", ErrIncompatibleStream, want.Name, have.Subjects, want.Subjects)
 	case have.Metadata[metaShards] != want.Metadata[metaShards]:
 		return nil, fmt.Errorf("%w: stream %s was made for %q shards, this worker is configured for %d: every worker and client of a deployment must use the same shard count",
 			ErrIncompatibleStream, want.Name, have.Metadata[metaShards], c.Shards)
 	}
+	if have.Replicas != want.Replicas {
+		// An operator's choice, or a stream made before the cluster was:
+		// left as it is, and said.
+		c.Logger.Warn().Str("stream", want.Name).Int("replicas", have.Replicas).Int("configured", want.Replicas).
+			Msg("the request stream exists with another replica count; it is left as it is (nats stream edit --replicas changes it)")
+	}
+	// A stream made by an older worker: add what this one relies on,
+	// leaving the operator's other settings as they are.
+	upd, changed := have, false
 	if have.MaxAge == 0 {
-		// A stream made before requests' lives were bounded: add the
-		// backstop, leaving the operator's other settings as they are.
-		upd := have
+		// Requests' lives are bounded: the backstop.
 		upd.MaxAge = max(want.MaxAge, have.Duplicates)
+		changed = true
+	}
+	for _, sub := range want.Subjects {
+		if !slices.Contains(upd.Subjects, sub) {
+			// Applications' subjects.
+			upd.Subjects = append(slices.Clone(upd.Subjects), sub)
+			changed = true
+		}
+	}
+	if have.MaxMsgsPerSubject <= 0 {
+		// One application's flood must not fill the stream for all.
+		upd.MaxMsgsPerSubject, upd.DiscardNewPerSubject = want.MaxMsgsPerSubject, true
+		changed = true
+	}
+	if changed {
 		if s2, err := js.UpdateStream(ctx, upd); err != nil {
-			c.Logger.Warn().Err(err).Str("stream", want.Name).Msg("add a maximum age to the request stream")
+			c.Logger.Warn().Err(err).Str("stream", want.Name).Msg("bring the request stream up to date (maximum age, applications' subjects, per-subject limit)")
 		} else {
 			s = s2
 		}
@@ -101,26 +158,16 @@ func ensureStream(ctx context.Context, js jetstream.JetStream, c *Config) (jetst
 
 func (c *Config) consumerConfig(shard int) jetstream.ConsumerConfig {
 	return jetstream.ConsumerConfig{
-		Durable:       protocol.ConsumerName(c.Prefix, shard),
-		Description:   "isode shard " + strconv.Itoa(shard),
-		FilterSubject: protocol.RunSubject(c.Prefix, shard),
-		AckPolicy:     jetstream.AckExplicitPolicy,
-		AckWait:       c.AckWait,
-		MaxDeliver:    c.MaxDeliver,
-		MaxAckPending: 10_000,
-		MaxWaiting:    512,
-		DeliverPolicy: jetstream.DeliverAllPolicy,
-		// The consumer's state (delivered and ack floors, redelivery
-		// counts) is kept in the server's memory, not written to a file:
-		// with one consumer per shard the file store rewrote a state file
-		// (create, write, rename) up to ten times a second per busy shard,
-		// which cost the embedded server more CPU than the rest of a run's
-		// NATS side (make bench-compare: the worker's CPU per run halved).
-		// Nothing at-least-once rests on it: the stream is a work queue,
-		// so a request leaves it only when acked, and a server that
-		// restarts without the state delivers again what is still there;
-		// only MaxDeliver counts start over.
-		MemoryStorage: true,
+		Durable:     protocol.ConsumerName(c.Prefix, shard),
+		Description: "isode shard " + strconv.Itoa(shard),
+		// The shard of every application.
+		FilterSubjects: protocol.ShardFilters(c.Prefix, shard),
+		AckPolicy:      jetstream.AckExplicitPolicy,
+		AckWait:        c.AckWait,
+		MaxDeliver:     c.MaxDeliver,
+		MaxAckPending:  10_000,
+		MaxWaiting:     512,
+		DeliverPolicy:  jetstream.DeliverAllPolicy,
 	}
 }
 
@@ -128,14 +175,6 @@ func (c *Config) consumerConfig(shard int) jetstream.ConsumerConfig {
 func ensureConsumer(ctx context.Context, s jetstream.Stream, c *Config, shard int) (jetstream.Consumer, error) {
 	cfg := c.consumerConfig(shard)
 	cons, err := s.CreateOrUpdateConsumer(ctx, cfg)
-	if err != nil {
-		// A consumer made by an older worker keeps its state in a file,
-		// and the server refuses to change a consumer's storage: keep it.
-		if old, lerr := s.Consumer(ctx, cfg.Durable); lerr == nil && old.CachedInfo().Config.MemoryStorage != cfg.MemoryStorage {
-			cfg.MemoryStorage = old.CachedInfo().Config.MemoryStorage
-			cons, err = s.CreateOrUpdateConsumer(ctx, cfg)
-		}
-	}
 	if err != nil {
 		return nil, fmt.Errorf("create consumer %s: %w", cfg.Durable, err)
 	}

@@ -52,6 +52,7 @@ type Worker struct {
 	confirm *confirmations
 	out     *outbox
 	ledger  *ledger // set by Start
+	tenants *tenantTable
 
 	// runCtx bounds handlers; cancelled only by Abort.
 	runCtx    context.Context
@@ -70,13 +71,17 @@ type Worker struct {
 	memberCancel context.CancelFunc
 	memberDone   chan struct{}
 
-	mu       sync.Mutex
-	stream   jetstream.Stream
-	shards   map[int]*shardLoop
-	stopped  bool
-	statsSub *nats.Subscription
-	inflight map[string]chan struct{} // request id -> closed when answered
-	svc      micro.Service            // the micro service; nil once stopped
+	mu     sync.Mutex
+	stream jetstream.Stream
+	shards map[int]*shardLoop
+	// consumers made (or found) by this worker, by shard: a shard that
+	// comes back is pulled again without a JetStream API call, which
+	// may hang while a consumer's leader is being elected.
+	consumers map[int]jetstream.Consumer
+	stopped   bool
+	statsSub  *nats.Subscription
+	inflight  map[string]chan struct{} // request id -> closed when answered
+	svc       micro.Service            // the micro service; nil once stopped
 
 	// the plain request/reply door (call.go)
 	calls       callCounters
@@ -111,9 +116,11 @@ func New(nc *nats.Conn, run Runner, stats StatsFunc, cfg Config) (*Worker, error
 		confirm:   newConfirmations(cfg.replyAckWait()),
 		out:       &outbox{nc: nc, maxControlLine: cfg.MaxControlLine},
 		shards:    make(map[int]*shardLoop),
+		consumers: make(map[int]jetstream.Consumer),
 		inflight:  make(map[string]chan struct{}),
 		progress:  make(map[*tracked]struct{}),
 		callSlots: make(chan struct{}, cfg.MaxPendingCalls),
+		tenants:   newTenantTable(cfg.Tenants),
 	}
 	w.runCtx, w.runCancel = context.WithCancel(context.Background())
 	w.bgCancel = func() {}
@@ -190,8 +197,8 @@ func (w *Worker) Start(ctx context.Context) error {
 
 // Own makes the worker pull exactly the given shards: loops for shards no
 // longer listed stop pulling (their requests in flight still finish), loops
-// for new shards start. It returns the first error creating a consumer;
-// shards that failed are not owned.
+// for new shards start. It returns the errors creating consumers; shards
+// that failed are not owned.
 func (w *Worker) Own(ctx context.Context, shards []int) error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -208,22 +215,47 @@ func (w *Worker) Own(ctx context.Context, shards []int) error {
 			delete(w.shards, s)
 		}
 	}
-	var first error
+	// Consumers this worker has not made yet are made concurrently, each
+	// with its own bound: one consumer without a leader (it is being
+	// elected) must not hold up the others, nor the membership loop that
+	// calls this.
+	var missing []int
+	for s := range want {
+		if _, ok := w.shards[s]; !ok && w.consumers[s] == nil {
+			missing = append(missing, s)
+		}
+	}
+	made := make([]jetstream.Consumer, len(missing))
+	errs := make([]error, len(missing))
+	var wg sync.WaitGroup
+	for i, s := range missing {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			cctx, cancel := context.WithTimeout(ctx, consumerTimeout)
+			defer cancel()
+			made[i], errs[i] = ensureConsumer(cctx, w.stream, &w.cfg, s)
+		}()
+	}
+	wg.Wait()
+	for i, s := range missing {
+		if errs[i] == nil {
+			w.consumers[s] = made[i]
+		}
+	}
 	for s := range want {
 		if _, ok := w.shards[s]; ok {
 			continue
 		}
-		cons, err := ensureConsumer(ctx, w.stream, &w.cfg, s)
-		if err != nil {
-			if first == nil {
-				first = err
-			}
-			continue
+		if cons := w.consumers[s]; cons != nil {
+			w.shards[s] = w.startShard(s, cons)
 		}
-		w.shards[s] = w.startShard(s, cons)
 	}
-	return first
+	return errors.Join(errs...)
 }
+
+// consumerTimeout bounds the creation of one shard's consumer.
+const consumerTimeout = 2 * time.Second
 
 // Owned returns the shards this worker pulls, sorted.
 func (w *Worker) Owned() []int {
@@ -344,5 +376,6 @@ func (w *Worker) workerStats() protocol.WorkerStats {
 		Shards:   w.Owned(),
 		InFlight: w.gate.count(),
 		Pool:     w.stats(),
+		Tenants:  w.tenants.top(w.cfg.StatsTenants),
 	}
 }

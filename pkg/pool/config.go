@@ -49,6 +49,14 @@ type Config struct {
 	// TenantQueueSize bounds the waiting requests of one tenant; past it Run
 	// fails with ErrTenantQueueFull. At most QueueSize. 0 means the default.
 	TenantQueueSize int
+	// AppQueueSize bounds the waiting requests of one application's
+	// tenants (keys "<app>|<isolate key>", protocol.TenantKey); past it Run
+	// fails with ErrQueueFull. The implicit application (plain keys) is
+	// not bounded by it. It keeps room for other applications' requests
+	// (a worker stops taking requests while its queue is full, so a queue
+	// one application filled would leave the others in the stream behind
+	// its backlog). At most QueueSize; 0 means half of QueueSize.
+	AppQueueSize int
 	// IdleTimeout recycles a tenant's sandbox that had no run in flight for
 	// this long. 0 never recycles idle sandboxes.
 	IdleTimeout time.Duration
@@ -127,6 +135,7 @@ func (c Config) withDefaults() Config {
 	setInt(&c.PerSandbox, DefaultPerSandbox)
 	setInt(&c.QueueSize, DefaultQueueSize)
 	setInt(&c.TenantQueueSize, min(DefaultTenantQueueSize, c.QueueSize))
+	setInt(&c.AppQueueSize, max(1, c.QueueSize/2))
 	setInt(&c.CreateConcurrency, DefaultCreateConcurrency)
 	setInt(&c.CreateRetries, DefaultCreateRetries)
 	setDur(&c.CreateTimeout, DefaultCreateTimeout)
@@ -164,12 +173,16 @@ func (c Config) Validate() error {
 		{"PerSandbox", c.PerSandbox},
 		{"QueueSize", c.QueueSize},
 		{"TenantQueueSize", c.TenantQueueSize},
+		{"AppQueueSize", c.AppQueueSize},
 		{"CreateConcurrency", c.CreateConcurrency},
 		{"CreateRetries", c.CreateRetries},
 	} {
 		if f.v < 1 {
 			bad(f.name, "must be at least 1 (or 0 for the default), got %d", f.v)
 		}
+	}
+	if c.AppQueueSize > c.QueueSize && c.QueueSize >= 1 {
+		bad("AppQueueSize", "must not exceed QueueSize (%d), got %d", c.QueueSize, c.AppQueueSize)
 	}
 	if c.TenantQueueSize > c.QueueSize && c.QueueSize >= 1 {
 		bad("TenantQueueSize", "must not exceed QueueSize (%d), got %d", c.QueueSize, c.TenantQueueSize)

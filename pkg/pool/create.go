@@ -132,7 +132,7 @@ func (p *Pool) create(c *creation) {
 				w := t.waiters.Remove(t.waiters.Front()).(*waiter)
 				w.elem = nil
 				w.err = ferr
-				p.queued--
+				p.unqueue(t)
 				close(w.ready)
 			}
 			p.abandon(c)

@@ -236,6 +236,9 @@ func TestDeath(t *testing.T) {
 			if s.Assigned != 0 || s.InFlight != 0 || sb.Closes() != 1 {
 				t.Fatalf("stats %+v, closes %d; want it removed and closed once", s, sb.Closes())
 			}
+			if len(s.DeathCauses) != 1 || s.DeathCauses[protocol.CodeOutOfMemory] != 1 { // the fake dies of that
+				t.Fatalf("death causes %v, want one out_of_memory", s.DeathCauses)
+			}
 			close(g.open)
 			if _, err := p.Run(ctx, req("a")); err != nil {
 				t.Fatalf("next run: %v", err)

@@ -85,10 +85,14 @@ type Pool struct {
 	mu      sync.Mutex
 	closed  bool
 	tenants map[string]*tenant
-	entries map[*entry]struct{} // live sandboxes: free, assigned, draining
-	free    []*entry            // ready and unassigned, oldest first
-	lru     list.List           // of *entry: tenants' current sandboxes, least recently released first
-	needy   list.List           // of *tenant: tenants waiting for a sandbox, round-robin
+	entries map[*entry]struct{}  // live sandboxes: free, assigned, draining
+	free    []*entry             // ready and unassigned, oldest first
+	lru     list.List            // of *entry: tenants' current sandboxes, least recently released first
+	needy   list.List            // of *tenant: tenants waiting for a sandbox, in tag order (fair.go)
+	apps    map[string]*appState // applications with requests waiting or tenants needy
+	// tagFloor is the tag of the needy tenant last served: a tenant that
+	// becomes needy is tagged above it.
+	tagFloor uint64
 
 	creating  int         // creations under way; each holds a slot toward High
 	closing   int         // retired sandboxes whose Close has not returned
@@ -136,6 +140,8 @@ type tenant struct {
 	creation  *creation // under way for this tenant; then box is nil
 	waiters   list.List // of *waiter, FIFO
 	needyElem *list.Element
+	tag       uint64 // its place in the needy ring (fair.go)
+	app       string // its application (appName)
 }
 
 // How a request got its sandbox, for the counters.
@@ -152,6 +158,7 @@ type waiter struct {
 	elem  *list.Element
 	ready chan struct{} // closed once e or err is set
 	e     *entry
+	kind  grantKind // how e was granted
 	err   error
 }
 
@@ -175,6 +182,7 @@ func New(rt Runtime, cfg Config) (*Pool, error) {
 		wake:      make(chan struct{}, 1),
 		closeDone: make(chan struct{}),
 		tenants:   make(map[string]*tenant),
+		apps:      make(map[string]*appState),
 		entries:   make(map[*entry]struct{}),
 	}
 	p.ctx, p.cancel = context.WithCancel(context.Background())
@@ -209,25 +217,52 @@ func (p *Pool) Config() Config { return p.cfg }
 // deadline passed while it waited, an error wrapping ErrCreateFailed when
 // its tenant's sandbox could not be created, and ctx.Err() (wrapped) when
 // ctx was cancelled while it waited. Errors of Sandbox.Run are returned
-// unchanged, with its Result.
+// unchanged, with its Result (an empty one when the sandbox gave none).
+//
+// The Result's Usage says how the request got its sandbox (Start) and how
+// long it waited for it (PoolMicros), on top of what the sandbox measured.
 func (p *Pool) Run(ctx context.Context, req *protocol.Request) (*protocol.Result, error) {
 	if req.IsolateKey == "" {
 		return nil, protocol.Errorf(protocol.CodeBadRequest, "isolate_key is empty: name the tenant the code belongs to")
 	}
-	e, err := p.acquire(ctx, req.IsolateKey)
+	began := time.Now()
+	e, kind, err := p.acquire(ctx, req.IsolateKey)
 	if err != nil {
 		return nil, err
 	}
+	waited := time.Since(began)
 	defer p.release(e)
-	return e.sb.Run(ctx, req)
+	res, err := e.sb.Run(ctx, req)
+	if res == nil {
+		// The run failed without an answer (its sandbox died): it still
+		// ran, and its usage says how it got its sandbox.
+		res = &protocol.Result{}
+	}
+	res.Usage.Start = kind.String()
+	res.Usage.PoolMicros = waited.Microseconds()
+	return res, err
 }
 
-// acquire returns a sandbox of tenant key with one run counted in flight.
-func (p *Pool) acquire(ctx context.Context, key string) (*entry, error) {
+// String is how a grant is named in protocol.Usage.Start.
+func (k grantKind) String() string {
+	switch k {
+	case grantHit:
+		return protocol.StartWarm
+	case grantPoolHit:
+		return protocol.StartPool
+	case grantColdStart:
+		return protocol.StartCold
+	}
+	return ""
+}
+
+// acquire returns a sandbox of tenant key with one run counted in flight,
+// and how it was granted.
+func (p *Pool) acquire(ctx context.Context, key string) (*entry, grantKind, error) {
 	p.mu.Lock()
 	if p.closed {
 		p.mu.Unlock()
-		return nil, ErrClosed
+		return nil, 0, ErrClosed
 	}
 	t := p.tenants[key]
 	if t != nil && t.box != nil && p.gone(t.box) {
@@ -238,7 +273,7 @@ func (p *Pool) acquire(ctx context.Context, key string) (*entry, error) {
 		e := t.box
 		p.take(e, grantHit)
 		p.mu.Unlock()
-		return e, nil
+		return e, grantHit, nil
 	}
 	if t == nil {
 		t = &tenant{key: key}
@@ -253,24 +288,23 @@ func (p *Pool) acquire(ctx context.Context, key string) (*entry, error) {
 			p.deferRefill()
 			p.dispatch()
 			p.mu.Unlock()
-			return e, nil
+			return e, grantPoolHit, nil
 		}
 	}
 	if t.waiters.Len() >= p.cfg.TenantQueueSize {
 		p.stats.Rejections++
 		p.forget(t)
 		p.mu.Unlock()
-		return nil, ErrTenantQueueFull
+		return nil, 0, ErrTenantQueueFull
 	}
-	if p.queued >= p.cfg.QueueSize {
+	if p.overShare(t) || p.queued >= p.cfg.QueueSize && !p.makeRoom(t) {
 		p.stats.Rejections++
 		p.forget(t)
 		p.mu.Unlock()
-		return nil, ErrQueueFull
+		return nil, 0, ErrQueueFull
 	}
 	w := &waiter{t: t, ready: make(chan struct{})}
-	w.elem = t.waiters.PushBack(w)
-	p.queued++
+	p.enqueue(w)
 	// Armed before the request is visible as queued, so that a test
 	// advancing a fake clock cannot slip in between.
 	timer := p.clock.NewTimer(p.cfg.MaxWait)
@@ -283,12 +317,12 @@ func (p *Pool) acquire(ctx context.Context, key string) (*entry, error) {
 }
 
 // wait blocks until w is granted or failed, ctx is done or timer fires.
-func (p *Pool) wait(ctx context.Context, w *waiter, timer Timer) (*entry, error) {
+func (p *Pool) wait(ctx context.Context, w *waiter, timer Timer) (*entry, grantKind, error) {
 	defer timer.Stop()
 	var err error
 	select {
 	case <-w.ready:
-		return w.e, w.err
+		return w.e, w.kind, w.err
 	case <-ctx.Done():
 		err = ctx.Err()
 		if errors.Is(err, context.DeadlineExceeded) {
@@ -305,14 +339,14 @@ func (p *Pool) wait(ctx context.Context, w *waiter, timer Timer) (*entry, error)
 		// Granted or failed meanwhile.
 		if w.err != nil {
 			p.mu.Unlock()
-			return nil, w.err
+			return nil, 0, w.err
 		}
 		if err == ErrQueueTimeout {
 			p.stats.QueueTimeouts++
 		}
 		p.mu.Unlock()
 		p.release(w.e)
-		return nil, err
+		return nil, 0, err
 	default:
 	}
 	p.dequeue(w)
@@ -321,7 +355,7 @@ func (p *Pool) wait(ctx context.Context, w *waiter, timer Timer) (*entry, error)
 		p.stats.QueueTimeouts++
 	}
 	p.mu.Unlock()
-	return nil, err
+	return nil, 0, err
 }
 
 // release ends one run in e.
@@ -395,8 +429,9 @@ func (p *Pool) serve(t *tenant, kind grantKind) {
 	for t.waiters.Len() > 0 && t.box != nil && t.box.inflight < p.cfg.PerSandbox {
 		w := t.waiters.Remove(t.waiters.Front()).(*waiter)
 		w.elem = nil
-		p.queued--
+		p.unqueue(t)
 		w.e = t.box
+		w.kind = kind
 		p.take(t.box, kind)
 		close(w.ready)
 	}
@@ -407,10 +442,9 @@ func (p *Pool) dequeue(w *waiter) {
 	t := w.t
 	t.waiters.Remove(w.elem)
 	w.elem = nil
-	p.queued--
+	p.unqueue(t)
 	if t.waiters.Len() == 0 && t.needyElem != nil {
-		p.needy.Remove(t.needyElem)
-		t.needyElem = nil
+		p.removeNeedy(t, false)
 	}
 }
 
@@ -418,7 +452,7 @@ func (p *Pool) dequeue(w *waiter) {
 // neither a sandbox nor one being created.
 func (p *Pool) markNeedy(t *tenant) {
 	if t.needyElem == nil && t.box == nil && t.creation == nil && t.waiters.Len() > 0 {
-		t.needyElem = p.needy.PushBack(t)
+		p.pushNeedy(t)
 	}
 }
 
@@ -452,12 +486,11 @@ func (p *Pool) dispatch() {
 		next := el.Next()
 		switch res {
 		case provided:
-			p.needy.Remove(el)
-			t.needyElem = nil
+			p.removeNeedy(t, true)
 			// Its new sandbox may be spent already (MaxRequests): back
 			// in the ring, and in this pass.
 			p.markNeedy(t)
-			if next == nil {
+			if t.needyElem != nil && (next == nil || next.Value.(*tenant).tag > t.tag) {
 				next = t.needyElem
 			}
 		case noCapacity:
@@ -501,14 +534,14 @@ func (p *Pool) provide(t *tenant, reserved *int) provision {
 		*reserved++
 		return waitForSlot
 	}
-	if v := p.lruIdle(); v != nil {
+	if v := p.lruIdle(t); v != nil {
 		p.stats.Evictions++
 		p.log.Debug().Str("sandbox", v.sb.ID()).Str("tenant", v.tenant.key).Str("for", t.key).Msg("evict least recently used sandbox")
 		p.retire(v, false)
 		p.startCreation(t, v)
 		return provided
 	}
-	if v := p.longestServed(); v != nil {
+	if v := p.longestServed(t); v != nil {
 		at := v.assigned.Add(p.quantum())
 		if p.clock.Now().Before(at) {
 			p.wakeBy(at)
@@ -524,11 +557,13 @@ func (p *Pool) provide(t *tenant, reserved *int) provision {
 	return noCapacity
 }
 
-// longestServed returns the tenant sandbox assigned longest ago, or nil.
-func (p *Pool) longestServed() *entry {
+// longestServed returns the tenant sandbox assigned longest ago that t may
+// take (victims), or nil.
+func (p *Pool) longestServed(t *tenant) *entry {
+	may := p.victims(t)
 	var v *entry
 	for el := p.lru.Front(); el != nil; el = el.Next() {
-		if e := el.Value.(*entry); v == nil || e.assigned.Before(v.assigned) {
+		if e := el.Value.(*entry); may(e) && (v == nil || e.assigned.Before(v.assigned)) {
 			v = e
 		}
 	}
@@ -543,10 +578,11 @@ func (p *Pool) quantum() time.Duration {
 }
 
 // lruIdle returns the least recently used tenant sandbox with nothing in
-// flight, or nil.
-func (p *Pool) lruIdle() *entry {
+// flight that t may take (victims), or nil.
+func (p *Pool) lruIdle(t *tenant) *entry {
+	may := p.victims(t)
 	for el := p.lru.Front(); el != nil; el = el.Next() {
-		if e := el.Value.(*entry); e.inflight == 0 {
+		if e := el.Value.(*entry); e.inflight == 0 && may(e) {
 			return e
 		}
 	}
@@ -728,6 +764,14 @@ func (p *Pool) died(e *entry) {
 		return
 	}
 	p.stats.Deaths++
+	cause := protocol.CodeInternal
+	if pe := protocol.AsError(e.sb.Err()); pe != nil {
+		cause = pe.Code
+	}
+	if p.stats.deathCauses == nil {
+		p.stats.deathCauses = make(map[protocol.Code]uint64)
+	}
+	p.stats.deathCauses[cause]++
 	ev := p.log.Warn().Str("sandbox", e.sb.ID()).Int("in_flight", e.inflight)
 	if e.tenant != nil {
 		ev = ev.Str("tenant", e.tenant.key)
@@ -781,6 +825,7 @@ func (p *Pool) Close(ctx context.Context) error {
 	}
 	p.queued = 0
 	p.needy.Init()
+	clear(p.apps)
 	drained := make(chan struct{})
 	if p.inflight == 0 {
 		close(drained)

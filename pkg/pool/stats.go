@@ -10,6 +10,8 @@ type counters struct {
 	MaxAgeRecycles                                    uint64
 	Deaths, CreateFailures, Rejections, QueueTimeouts uint64
 	Created, Destroyed                                uint64
+	// deathCauses counts Deaths by the error code of the sandbox's Err.
+	deathCauses map[protocol.Code]uint64
 }
 
 // Stats is a snapshot of the pool's state and counters.
@@ -41,11 +43,14 @@ type Stats struct {
 	MaxRequestRecycles uint64
 	MaxAgeRecycles     uint64
 	Deaths             uint64 // sandboxes that died on their own
-	CreateFailures     uint64 // failed Runtime.Create attempts
-	Rejections         uint64 // requests refused with ErrQueueFull or ErrTenantQueueFull
-	QueueTimeouts      uint64 // requests whose deadline passed while they waited
-	Created            uint64 // sandboxes created
-	Destroyed          uint64 // Sandbox.Close calls made
+	// DeathCauses breaks Deaths down by the code of the sandbox's Err
+	// (out_of_memory, sandbox_crashed; internal when it gave none).
+	DeathCauses    map[protocol.Code]uint64
+	CreateFailures uint64 // failed Runtime.Create attempts
+	Rejections     uint64 // requests refused with ErrQueueFull or ErrTenantQueueFull
+	QueueTimeouts  uint64 // requests whose deadline passed while they waited
+	Created        uint64 // sandboxes created
+	Destroyed      uint64 // Sandbox.Close calls made
 }
 
 // Stats returns a snapshot of the pool.
@@ -77,6 +82,12 @@ func (p *Pool) Stats() Stats {
 		QueueTimeouts:      p.stats.QueueTimeouts,
 		Created:            p.stats.Created,
 		Destroyed:          p.stats.Destroyed,
+	}
+	if len(p.stats.deathCauses) > 0 {
+		s.DeathCauses = make(map[protocol.Code]uint64, len(p.stats.deathCauses))
+		for c, n := range p.stats.deathCauses {
+			s.DeathCauses[c] = n
+		}
 	}
 	for e := range p.entries {
 		if e.tenant != nil && e.inflight > 0 {

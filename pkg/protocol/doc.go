@@ -45,4 +45,13 @@
 // stream storing it is answered CodeQueueTimeout. A request whose
 // deliveries keep ending without an answer (a worker died running it) is
 // answered CodeDeadLettered and copied to DeadSubject.
+//
+// # Applications
+//
+// Where several applications share a fleet, each is a NATS account and
+// publishes exactly as above in its own account; the server's imports map
+// its subjects into the fleet's account (AppRunSubject, AppCallSubject) and
+// its replies back from ReplySubject to its own inboxes. A client needs
+// nothing of this: see app.go. A tenant is then an isolate key within an
+// application (TenantKey).
 package protocol

@@ -158,6 +158,10 @@ type Result struct {
 	Console string `json:"console,omitempty"`
 	// ConsoleTruncated is set when console output was dropped.
 	ConsoleTruncated bool `json:"console_truncated,omitempty"`
+	// Usage is what the run cost, as far as the runner measured it (the
+	// sandbox: CPU and memory; the pool: Start and PoolMicros). The worker
+	// completes it and sends it as Reply.Usage; it is not encoded here.
+	Usage Usage `json:"-"`
 }
 
 // Reply answers one Request. Exactly one of Result and Error is set.
@@ -174,6 +178,9 @@ type Reply struct {
 	Worker string `json:"worker,omitempty"`
 	// RunMicros is the time spent running the snippet, in microseconds.
 	RunMicros int64 `json:"run_us,omitempty"`
+	// Usage is what the request cost (see Usage); absent from replies of
+	// workers older than it.
+	Usage *Usage `json:"usage,omitempty"`
 }
 
 // Validate checks that a Reply is well formed. Error codes this package does
@@ -197,7 +204,33 @@ type WorkerStats struct {
 	Shards   []int     `json:"shards"`
 	InFlight int       `json:"in_flight"`
 	Pool     PoolStats `json:"pool"`
+	// Tenants are the busiest tenants' totals since the worker started,
+	// most CPU first, at most a few dozen; the last entry, named
+	// OtherTenants, folds every other tenant (absent when there is none).
+	Tenants []TenantStats `json:"tenants,omitempty"`
 }
+
+// TenantStats are one tenant's totals on one worker, from the usage
+// records it published.
+type TenantStats struct {
+	IsolateKey string `json:"isolate_key"`
+	// Application is the application the isolate key belongs to (empty or
+	// DefaultApplication: the implicit one).
+	Application string `json:"application,omitempty"`
+	// Runs counts requests answered, errors included.
+	Runs uint64 `json:"runs"`
+	// Errors counts the answers that were errors, by code.
+	Errors     map[string]uint64 `json:"errors,omitempty"`
+	CPUMicros  uint64            `json:"cpu_us"`
+	WallMicros uint64            `json:"wall_us"`
+}
+
+// Key is the tenant's TenantKey: its isolate key within its application.
+func (s *TenantStats) Key() string { return TenantKey(s.Application, s.IsolateKey) }
+
+// OtherTenants is the IsolateKey of the TenantStats that folds the
+// tenants not listed by name. It is not a valid isolate key.
+const OtherTenants = "(others)"
 
 // PoolStats are a worker's container pool counters.
 type PoolStats struct {
