@@ -79,6 +79,19 @@ bench: build sandbox-image
 	BIN=$(BIN) ./scripts/bench-worker.sh "$(BENCH_WORKER)" --scenario warm --tenants 50 --concurrency 32 --duration 15s
 	BIN=$(BIN) ./scripts/bench-worker.sh "$(BENCH_WORKER) --stream-memory" --scenario warm --tenants 50 --concurrency 32 --duration 15s
 
+# CPU per run of each component (sandboxes, worker, dockerd, shims, the
+# bench), read from /proc over a steady window, at 1, 8 and 50 active tenants.
+.PHONY: bench-cpu bench-compare
+bench-cpu: build sandbox-image
+	for n in 1 8 50; do BENCH_CPU=1 BIN=$(BIN) ./scripts/bench-worker.sh "$(BENCH_WORKER)" --scenario warm --tenants $$n --concurrency 32 --duration 15s --quiet --no-baseline || exit 1; done
+
+# This tree's worker against BASE's, alternately, in one run:
+#   make bench-compare BASE=edc00cb [ROUNDS=2] [COMPARE_ARGS='--tenants 1 ...']
+BASE ?= main
+COMPARE_ARGS ?= --scenario warm --tenants 50 --concurrency 32 --duration 15s
+bench-compare: sandbox-image
+	BIN=$(BIN) BENCH_WORKER="$(BENCH_WORKER)" ./scripts/bench-compare.sh $(BASE) $(COMPARE_ARGS)
+
 # The fleet benchmarks: submit bench against 1, 2 and 3 worker processes, and
 # failover time over 10 SIGKILLs (cmd/worker/fleet_bench_test.go).
 .PHONY: bench-fleet

@@ -37,6 +37,7 @@
 //   ISODE_MAX_FRAME_BYTES   largest frame this agent writes (default 2 MiB)
 //   ISODE_MAX_REQUEST_BYTES largest frame this agent accepts (default 4 MiB)
 //   ISODE_IDLE_TRIM_MS      idle time after which extra Workers end (default 30000)
+//   ISODE_SPAWN_DELAY_MS    wait behind busy Workers before another starts (default 50)
 //   ISODE_KILL_LEFTOVERS    1: kill processes snippets left running, once
 //                           no request is in flight (set in containers only)
 // stderr carries the agent's own diagnostics, one line each.
@@ -53,6 +54,9 @@ const DEFAULTS = {
   maxFrameBytes: 2 << 20,
   maxRequestBytes: 4 << 20,
   idleTrimMs: 30000,
+  // spawnDelayMs is how long a request waits behind busy Workers before
+  // another Worker is started for it (at once when there is none).
+  spawnDelayMs: 50,
   maxResultBytes: 512 << 10,
   maxConsoleBytes: 64 << 10,
   workerFile: path.join(__dirname, 'worker.js'),
@@ -271,6 +275,7 @@ class Agent {
     this.trimTimer = setInterval(() => this.trim(), Math.max(1000, this.o.idleTrimMs / 2));
     this.trimTimer.unref();
     this.sweepTimer = null;
+    this.spawnTimer = null;
     this.spawn();
   }
 
@@ -329,6 +334,7 @@ class Agent {
       maxConsole: Number.isSafeInteger(m.max_console_bytes) && m.max_console_bytes >= 0 ? m.max_console_bytes : this.o.maxConsoleBytes,
       slot: null,
       timer: null,
+      queuedAt: Date.now(),
       cpu0: null, // the snippet thread's CPU time (ns) when it was handed the request
       cpu1: null, // and when it answered or overran
       internal: m.id < 0, // the agent's own warm-up (hosts' ids are never negative): no reply
@@ -359,12 +365,32 @@ class Agent {
       req.cpu0 = threadCpuNs(idle.statFd);
       idle.worker.postMessage({ t: 'run', id: req.id, code: req.code, input: req.input, maxResult: req.maxResult, maxConsole: req.maxConsole });
     }
+    if (this.queue.length === 0) {
+      if (this.spawnTimer !== null) {
+        clearTimeout(this.spawnTimer);
+        this.spawnTimer = null;
+      }
+      return;
+    }
     let starting = 0;
     for (const s of this.slots) if (s.state === 'starting') starting++;
     // After repeated start failures only a request finding no Worker at all
     // retries, so a pids limit cannot turn this into a spawn loop.
     const mayStart = this.spawnFailures < 3 || this.slots.size === 0;
-    if (this.queue.length > starting && this.slots.size < this.o.concurrency && mayStart) this.spawn();
+    if (this.queue.length <= starting || this.slots.size >= this.o.concurrency || !mayStart) return;
+    // A Worker costs tens of milliseconds of CPU to start and megabytes to
+    // keep: a request that finds the Workers busy waits spawnDelayMs for
+    // one of them first. Most runs take far less, and a tenant whose
+    // requests overlap now and then no longer grows a Worker for each.
+    const waited = Date.now() - this.queue[0].queuedAt;
+    if (this.slots.size === 0 || waited >= this.o.spawnDelayMs) {
+      this.spawn();
+    } else if (this.spawnTimer === null) {
+      this.spawnTimer = setTimeout(() => {
+        this.spawnTimer = null;
+        this.dispatch();
+      }, this.o.spawnDelayMs - waited);
+    }
   }
 
   spawn() {
@@ -527,10 +553,12 @@ class Agent {
     clearTimeout(req.timer);
     if (req.internal) {
       this.becomeReady();
-      return;
+    } else {
+      r.usage = usageOf(req);
+      this.send(r);
     }
-    r.usage = usageOf(req);
-    this.send(r);
+    // Also after the warm-up: a first request that overtook it left the
+    // agent idle only now.
     if (this.pending.size === 0) this.idle();
   }
 
@@ -588,6 +616,7 @@ class Agent {
     this.closed = true;
     clearInterval(this.trimTimer);
     clearTimeout(this.sweepTimer);
+    clearTimeout(this.spawnTimer);
     for (const req of this.pending.values()) clearTimeout(req.timer);
     await Promise.all([...this.slots].map((s) => s.worker.terminate().catch(() => {})));
   }
@@ -798,6 +827,7 @@ function main(extra) {
       maxFrameBytes: envInt('ISODE_MAX_FRAME_BYTES', DEFAULTS.maxFrameBytes, 4096, 1 << 30),
       maxRequestBytes: envInt('ISODE_MAX_REQUEST_BYTES', DEFAULTS.maxRequestBytes, 4096, 1 << 30),
       idleTrimMs: envInt('ISODE_IDLE_TRIM_MS', DEFAULTS.idleTrimMs, 1000, 1 << 30),
+      spawnDelayMs: envInt('ISODE_SPAWN_DELAY_MS', DEFAULTS.spawnDelayMs, 0, 60000),
       modulePaths: moduleDirs(process.env, process.execPath, isWritable),
       ...extra,
     };

@@ -260,3 +260,22 @@ test('moduleDirs keeps existing directories nobody can write to, in node\'s orde
     fs.rmSync(root, { recursive: true, force: true });
   }
 });
+
+test('a request that finds the Workers busy waits for one before another is started', async (t) => {
+  const h = harness({ concurrency: 4, spawnDelayMs: 1000 });
+  t.after(() => h.agent.close());
+  await h.call({ op: 'ping' });
+  // Short runs that overlap: each waits for the one Worker.
+  const rs = await Promise.all([1, 2, 3, 4, 5, 6].map((i) => h.runCode('return function (ctx, cb) { cb(null, ctx.data) }', { input: i })));
+  assert.deepEqual(rs.map((r) => r.result), [1, 2, 3, 4, 5, 6]);
+  assert.equal((await h.call({ op: 'ping' })).result.workers, 1);
+  // A run stuck behind a slow one gets a Worker of its own after the delay.
+  const slow = h.runCode('return function (cb) { setTimeout(() => cb(null, "slow"), 5000) }', { timeout_ms: 10000 });
+  const t0 = Date.now();
+  const quick = await h.runCode('return function (cb) { cb(null, "quick") }', { timeout_ms: 10000 });
+  const waited = Date.now() - t0;
+  assert.equal(quick.result, 'quick');
+  assert.ok(waited >= 950 && waited < 4900, `the quick run waited ${waited} ms`);
+  assert.equal((await h.call({ op: 'ping' })).result.workers, 2);
+  assert.equal((await slow).result, 'slow');
+});

@@ -139,3 +139,30 @@ test('leftover processes are swept only while no request is in flight', { timeou
   for (const s of sweeps) assert.equal(s.inFlight, 0);
   assert.ok(sweeps[0].at - done >= 40, 'swept before the agent was idle for idleSweepMs');
 });
+
+test('a first request that overtakes the warm-up is swept after', { timeout: 30000 }, async (t) => {
+  const { Agent } = require('./agent.js');
+  let sweeps = 0;
+  const replies = new Map();
+  const dec = new FrameDecoder(1 << 20, (b) => {
+    const m = JSON.parse(b.toString('utf8'));
+    replies.get(m.id)(m);
+  });
+  const agent = new Agent({
+    write: (b) => dec.push(b),
+    idleSweepMs: 20,
+    sweep: () => {
+      sweeps++;
+      return false;
+    },
+  });
+  t.after(() => agent.close());
+  // Sent before the first Worker is ready: it runs before the warm-up.
+  const r = await new Promise((resolve) => {
+    replies.set(1, resolve);
+    agent.feed(encodeFrame(JSON.stringify({ id: 1, op: 'run', code: 'return function (cb) { cb(null, 1) }', timeout_ms: 5000 })));
+  });
+  assert.equal(r.result, 1);
+  await new Promise((resolve) => setTimeout(resolve, 1000));
+  assert.ok(sweeps >= 1, 'never swept after the first request');
+});

@@ -34,6 +34,19 @@ type benchResult struct {
 	Seconds     float64          `json:"seconds"`
 	PerSecond   float64          `json:"per_second"`
 	Latency     map[string]int64 `json:"latency_us"` // p50, p90, p99, p999, max, min, mean
+	// CPU is the CPU table of a window inside the measurement
+	// (--cpu-worker-pid); nil otherwise.
+	CPU *cpuReport `json:"cpu,omitempty"`
+	// Pool is what the workers' pools did during the measurement, per
+	// second (the churn scenario); nil otherwise.
+	Pool *poolRates `json:"pool_per_second,omitempty"`
+}
+
+// poolRates are the workers' pool counters over a measurement, per second.
+type poolRates struct {
+	ColdStarts float64 `json:"cold_starts"` // sandboxes created for a waiting tenant
+	PoolHits   float64 `json:"pool_hits"`   // free sandboxes taken (each one refilled)
+	Evictions  float64 `json:"evictions"`   // idle sandboxes removed to make room
 }
 
 type benchReport struct {
@@ -46,7 +59,7 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.SetOutput(stderr)
 	var cf connFlags
 	cf.register(fs)
-	scenario := fs.String("scenario", "warm", "warm: runs over --tenants tenants that already have a sandbox; new: one new tenant per run, spaced by --interval (a free pool sandbox each time if the worker keeps enough)")
+	scenario := fs.String("scenario", "warm", "warm: runs over --tenants tenants that already have a sandbox; new: one new tenant per run, spaced by --interval (a free pool sandbox each time if the worker keeps enough); churn: runs over --tenants tenants, more than the workers' --high, so that sandboxes are evicted and created while it runs (reports creations per second)")
 	tenants := fs.Int("tenants", 50, "tenants in the warm scenario")
 	conc := fs.Int("concurrency", 32, "concurrent callers")
 	duration := fs.Duration("duration", 10*time.Second, "how long each measurement runs (unless --count)")
@@ -57,11 +70,28 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	noBaseline := fs.Bool("no-baseline", false, "skip the core NATS echo baseline")
 	asJSON := fs.Bool("json", false, "print the report as JSON on stdout")
 	quiet := fs.Bool("quiet", false, "no progress line")
+	var co cpuOptions
+	fs.IntVar(&co.WorkerPID, "cpu-worker-pid", 0, "when the worker runs on this machine: its pid; the warm measurement then reports CPU per run of each component, read from /proc (Linux)")
+	fs.StringVar(&co.WorkerID, "cpu-worker-id", "", "the worker's --id, whose containers are its sandboxes (with --cpu-worker-pid)")
+	fs.IntVar(&co.NATSPID, "cpu-nats-pid", 0, "the pid of a NATS server of its own, when not embedded in the worker")
+	fs.DurationVar(&co.Skip, "cpu-skip", 3*time.Second, "time into the measurement before the CPU window opens")
+	fs.DurationVar(&co.Window, "cpu-window", 0, "the CPU window (0: --duration less --cpu-skip and 1s)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if *conc < 1 || *tenants < 1 || (*count <= 0 && *duration <= 0) {
 		return &exitError{2, errors.New("--concurrency, --tenants and --duration (or --count) must be positive")}
+	}
+	if co.WorkerPID != 0 {
+		if co.WorkerID == "" {
+			return &exitError{2, errors.New("--cpu-worker-pid needs --cpu-worker-id")}
+		}
+		if co.Window == 0 {
+			co.Window = *duration - co.Skip - time.Second
+		}
+		if *count > 0 || co.Window <= 0 {
+			return &exitError{2, errors.New("the CPU window needs a --duration longer than --cpu-skip + 1s, and no --count")}
+		}
 	}
 	nc, c, closeAll, err := cf.dial("isode-bench")
 	if err != nil {
@@ -88,10 +118,14 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		if err := b.warmUp(keys, *conc); err != nil {
 			return err
 		}
+		if co.WorkerPID != 0 {
+			b.cpu = &co
+		}
 		warm := b.measure(fmt.Sprintf("warm (%d tenants)", *tenants), *conc, b.duration, b.count, 0, func(i int) error {
 			_, err := b.run(keys[i%len(keys)])
 			return err
 		})
+		b.cpu = nil
 		warm.Tenants = *tenants
 		rep.Results = append(rep.Results, warm)
 		if !*noBaseline {
@@ -141,8 +175,31 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		})
 		rep.Results = append(rep.Results, spaced)
 		rep.Ratios["new_p50_over_spaced_warm_p50"] = ratio(fresh.Latency["p50"], spaced.Latency["p50"])
+	case "churn":
+		// No warm-up: with more tenants than sandboxes, there is no warm
+		// state to reach. The CPU window (--cpu-skip) skips the start.
+		keys := tenantKeys("bench-churn", *tenants)
+		before, err := gatherStats(ctx, nc, cf.prefix, 500*time.Millisecond)
+		if err != nil {
+			return err
+		}
+		if co.WorkerPID != 0 {
+			b.cpu = &co
+		}
+		churn := b.measure(fmt.Sprintf("churn (%d tenants)", *tenants), *conc, b.duration, b.count, 0, func(i int) error {
+			_, err := b.run(keys[i%len(keys)])
+			return err
+		})
+		b.cpu = nil
+		after, err := gatherStats(ctx, nc, cf.prefix, 500*time.Millisecond)
+		if err != nil {
+			return err
+		}
+		churn.Tenants = *tenants
+		churn.Pool = poolDelta(before, after, churn.Seconds)
+		rep.Results = append(rep.Results, churn)
 	default:
-		return &exitError{2, fmt.Errorf("unknown --scenario %q: want warm or new", *scenario)}
+		return &exitError{2, fmt.Errorf("unknown --scenario %q: want warm, new or churn", *scenario)}
 	}
 	if *asJSON {
 		enc := json.NewEncoder(stdout)
@@ -151,6 +208,32 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	printReport(stdout, rep)
 	return nil
+}
+
+// poolDelta sums the pool counters of the workers that answered both
+// times over secs.
+func poolDelta(before, after []protocol.WorkerStats, secs float64) *poolRates {
+	if secs <= 0 {
+		return nil
+	}
+	was := map[string]protocol.PoolStats{}
+	for _, s := range before {
+		was[s.Worker] = s.Pool
+	}
+	var r poolRates
+	for _, s := range after {
+		p, ok := was[s.Worker]
+		if !ok || s.Pool.ColdStarts < p.ColdStarts || s.Pool.PoolHits < p.PoolHits || s.Pool.Evictions < p.Evictions {
+			continue // not there before, or restarted meanwhile
+		}
+		r.ColdStarts += float64(s.Pool.ColdStarts - p.ColdStarts)
+		r.PoolHits += float64(s.Pool.PoolHits - p.PoolHits)
+		r.Evictions += float64(s.Pool.Evictions - p.Evictions)
+	}
+	r.ColdStarts /= secs
+	r.PoolHits /= secs
+	r.Evictions /= secs
+	return &r
 }
 
 func ratio(a, b int64) float64 {
@@ -179,6 +262,7 @@ type bench struct {
 	progress io.Writer
 	duration time.Duration
 	count    int
+	cpu      *cpuOptions // measure opens a CPU window when set
 }
 
 func (b *bench) run(key string) (*client.Result, error) {
@@ -246,6 +330,10 @@ func (b *bench) measure(name string, conc int, d time.Duration, n int, pause tim
 		defer mu.Unlock()
 		return slices.Clone(lats[max(0, len(lats)-5000):])
 	})
+	var window *cpuWindow
+	if b.cpu != nil {
+		window = startCPUWindow(ctx, *b.cpu, done.Load)
+	}
 	var wg sync.WaitGroup
 	for g := 0; g < conc; g++ {
 		wg.Add(1)
@@ -296,6 +384,13 @@ func (b *bench) measure(name string, conc int, d time.Duration, n int, pause tim
 		r.Errors = errs
 	}
 	r.PerSecond = float64(len(lats)) / elapsed.Seconds()
+	if window != nil {
+		cpu, err := window.wait()
+		if err != nil {
+			fmt.Fprintf(b.progress, "no CPU table for %s: %v\n", name, err)
+		}
+		r.CPU = cpu
+	}
 	return r
 }
 
@@ -401,6 +496,17 @@ func printReport(w io.Writer, rep benchReport) {
 		}
 		fmt.Fprintf(w, "%-24s %5d %9d %10.0f %10s %10s %10s %10s  %s\n", r.Name, r.Concurrency, r.Runs, r.PerSecond,
 			us(r.Latency["p50"]), us(r.Latency["p90"]), us(r.Latency["p99"]), us(r.Latency["max"]), errs)
+	}
+	for _, r := range rep.Results {
+		if r.Pool != nil {
+			fmt.Fprintf(w, "%s: per second %.1f sandboxes created for waiting tenants, %.1f free sandboxes taken, %.1f evicted\n",
+				r.Name, r.Pool.ColdStarts, r.Pool.PoolHits, r.Pool.Evictions)
+		}
+	}
+	for _, r := range rep.Results {
+		if r.CPU != nil {
+			printCPU(w, r.Name, r.CPU, r.Latency["p50"], r.Latency["p99"])
+		}
 	}
 	keys := make([]string, 0, len(rep.Ratios))
 	for k := range rep.Ratios {
