@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"flag"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -83,6 +84,14 @@ func TestParseConfig(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
+			// Only the case's own environment: make test exports
+			// ISODE_IMAGE, and a developer's shell may set others.
+			for _, kv := range os.Environ() {
+				if k, _, _ := strings.Cut(kv, "="); strings.HasPrefix(k, "ISODE_") {
+					t.Setenv(k, "") // restored after the case
+					os.Unsetenv(k)
+				}
+			}
 			for k, v := range tt.env {
 				t.Setenv(k, v)
 			}
