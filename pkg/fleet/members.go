@@ -8,6 +8,8 @@ import (
 	"hash/fnv"
 	"slices"
 	"strconv"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -256,6 +258,23 @@ func (w *Worker) membership(ctx context.Context, kv jetstream.KeyValue, ready ch
 	defer tick.Stop()
 	nextBeat := time.Now().Add(w.cfg.Heartbeat)
 	reconnects := w.nc.Stats().Reconnects
+	// The shards' consumers are made again after a reconnect, off this
+	// loop (heartbeats must go on); at most one pass at a time, ended
+	// before this loop returns.
+	var rechecks sync.WaitGroup
+	var rechecking atomic.Bool
+	defer rechecks.Wait()
+	recheck := func() {
+		if !rechecking.CompareAndSwap(false, true) {
+			return
+		}
+		rechecks.Add(1)
+		go func() {
+			defer rechecks.Done()
+			defer rechecking.Store(false)
+			w.reensureConsumers(ctx)
+		}()
+	}
 	for {
 		select {
 		case <-ctx.Done():
@@ -302,6 +321,7 @@ func (w *Worker) membership(ctx context.Context, kv jetstream.KeyValue, ready ch
 			// alone: watch afresh, dating the replay by the server as at start.
 			if r := w.nc.Stats().Reconnects; r != reconnects && w.nc.IsConnected() {
 				reconnects = r
+				recheck()
 				watch()
 				initial = updates != nil
 			}

@@ -257,6 +257,34 @@ func (w *Worker) Own(ctx context.Context, shards []int) error {
 // consumerTimeout bounds the creation of one shard's consumer.
 const consumerTimeout = 2 * time.Second
 
+// reensureConsumers makes the consumers of the shards this worker pulls
+// again, where they are gone: consumers keep their state in memory, so a
+// NATS server that restarted has lost them, and a pull on a missing
+// consumer waits for nothing. Called after every reconnect; creating an
+// existing consumer with the same configuration changes nothing.
+func (w *Worker) reensureConsumers(ctx context.Context) {
+	w.mu.Lock()
+	shards := make([]int, 0, len(w.shards))
+	for s := range w.shards {
+		shards = append(shards, s)
+	}
+	stream := w.stream
+	w.mu.Unlock()
+	var wg sync.WaitGroup
+	for _, s := range shards {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			cctx, cancel := context.WithTimeout(ctx, consumerTimeout)
+			defer cancel()
+			if _, err := ensureConsumer(cctx, stream, &w.cfg, s); err != nil && ctx.Err() == nil {
+				w.log.Warn().Err(err).Int("shard", s).Msg("make the shard's consumer again after a reconnect")
+			}
+		}()
+	}
+	wg.Wait()
+}
+
 // Owned returns the shards this worker pulls, sorted.
 func (w *Worker) Owned() []int {
 	w.mu.Lock()
