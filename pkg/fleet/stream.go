@@ -182,15 +182,15 @@ func (c *Config) consumerConfig(shard int) jetstream.ConsumerConfig {
 
 // ensureConsumer creates or updates the durable pull consumer of a shard.
 // A consumer made by an older worker with its state in files cannot be
-// changed to memory: it is kept as it is.
+// changed to memory (the server refuses the update as a create error,
+// 10012): it is kept as it is.
 func ensureConsumer(ctx context.Context, s jetstream.Stream, c *Config, shard int) (jetstream.Consumer, error) {
 	cfg := c.consumerConfig(shard)
 	cons, err := s.CreateOrUpdateConsumer(ctx, cfg)
-	if err != nil && ctx.Err() == nil {
-		if old, ierr := s.Consumer(ctx, cfg.Durable); ierr == nil && !old.CachedInfo().Config.MemoryStorage {
-			cfg.MemoryStorage = false
-			cons, err = s.CreateOrUpdateConsumer(ctx, cfg)
-		}
+	var api *jetstream.APIError
+	if errors.As(err, &api) && api.ErrorCode == jetstream.JSErrCodeConsumerCreate && ctx.Err() == nil {
+		cfg.MemoryStorage = false
+		cons, err = s.CreateOrUpdateConsumer(ctx, cfg)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("create consumer %s: %w", cfg.Durable, err)
