@@ -215,29 +215,14 @@ func (w *Worker) Own(ctx context.Context, shards []int) error {
 			delete(w.shards, s)
 		}
 	}
-	// Consumers this worker has not made yet are made concurrently, each
-	// with its own bound: one consumer without a leader (it is being
-	// elected) must not hold up the others, nor the membership loop that
-	// calls this.
+	// Consumers this worker has not made yet.
 	var missing []int
 	for s := range want {
 		if _, ok := w.shards[s]; !ok && w.consumers[s] == nil {
 			missing = append(missing, s)
 		}
 	}
-	made := make([]jetstream.Consumer, len(missing))
-	errs := make([]error, len(missing))
-	var wg sync.WaitGroup
-	for i, s := range missing {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			cctx, cancel := context.WithTimeout(ctx, consumerTimeout)
-			defer cancel()
-			made[i], errs[i] = ensureConsumer(cctx, w.stream, &w.cfg, s)
-		}()
-	}
-	wg.Wait()
+	made, errs := ensureConsumers(ctx, w.stream, &w.cfg, missing)
 	for i, s := range missing {
 		if errs[i] == nil {
 			w.consumers[s] = made[i]
@@ -257,32 +242,43 @@ func (w *Worker) Own(ctx context.Context, shards []int) error {
 // consumerTimeout bounds the creation of one shard's consumer.
 const consumerTimeout = 2 * time.Second
 
+// ensureConsumers makes the consumers of shards concurrently, each with its
+// own bound: one consumer without a leader (it is being elected) must not
+// hold up the others, nor the membership loop that waits for them. made[i]
+// and errs[i] are shards[i]'s.
+func ensureConsumers(ctx context.Context, stream jetstream.Stream, cfg *Config, shards []int) (made []jetstream.Consumer, errs []error) {
+	made = make([]jetstream.Consumer, len(shards))
+	errs = make([]error, len(shards))
+	var wg sync.WaitGroup
+	for i, s := range shards {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			cctx, cancel := context.WithTimeout(ctx, consumerTimeout)
+			defer cancel()
+			made[i], errs[i] = ensureConsumer(cctx, stream, cfg, s)
+		}()
+	}
+	wg.Wait()
+	return made, errs
+}
+
 // reensureConsumers makes the consumers of the shards this worker pulls
 // again, where they are gone: consumers keep their state in memory, so a
 // NATS server that restarted has lost them, and a pull on a missing
 // consumer waits for nothing. Called after every reconnect; creating an
 // existing consumer with the same configuration changes nothing.
 func (w *Worker) reensureConsumers(ctx context.Context) {
+	shards := w.Owned()
 	w.mu.Lock()
-	shards := make([]int, 0, len(w.shards))
-	for s := range w.shards {
-		shards = append(shards, s)
-	}
 	stream := w.stream
 	w.mu.Unlock()
-	var wg sync.WaitGroup
-	for _, s := range shards {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			cctx, cancel := context.WithTimeout(ctx, consumerTimeout)
-			defer cancel()
-			if _, err := ensureConsumer(cctx, stream, &w.cfg, s); err != nil && ctx.Err() == nil {
-				w.log.Warn().Err(err).Int("shard", s).Msg("make the shard's consumer again after a reconnect")
-			}
-		}()
+	_, errs := ensureConsumers(ctx, stream, &w.cfg, shards)
+	for i, err := range errs {
+		if err != nil && ctx.Err() == nil {
+			w.log.Warn().Err(err).Int("shard", shards[i]).Msg("make the shard's consumer again after a reconnect")
+		}
 	}
-	wg.Wait()
 }
 
 // Owned returns the shards this worker pulls, sorted.
