@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/google/uuid"
@@ -44,7 +43,7 @@ func (w *Worker) call(req micro.Request) {
 	taken := time.Now()
 	c := &w.calls
 	c.calls.Add(1)
-	app, ok := w.callApp(req.Subject())
+	app, ok := protocol.ParseCallSubject(w.cfg.Prefix, req.Subject())
 	if !ok {
 		c.dropped.Add(1)
 		w.log.Debug().Str("subject", req.Subject()).Msg("call on a subject that names no valid application: dropped")
@@ -101,22 +100,6 @@ func (w *Worker) call(req micro.Request) {
 		defer func() { <-w.callSlots; c.pending.Add(-1) }()
 		w.queueCall(app, r, req.Data(), replyTo, deadline, taken, traceparent)
 	}()
-}
-
-// callApp returns the application of a call from the subject it came on.
-func (w *Worker) callApp(subject string) (string, bool) {
-	if subject == protocol.CallSubject(w.cfg.Prefix) {
-		return protocol.DefaultApplication, true
-	}
-	rest, ok := strings.CutPrefix(subject, w.cfg.Prefix+".app.")
-	if !ok {
-		return "", false
-	}
-	app, ok := strings.CutSuffix(rest, ".call")
-	if !ok || protocol.ValidateApplication(app) != nil {
-		return "", false
-	}
-	return app, true
 }
 
 // callSubject is where a call of app is stored in the request stream.

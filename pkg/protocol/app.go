@@ -132,6 +132,24 @@ func ParseStreamSubject(prefix, subject string) (Route, bool) {
 	return Route{App: app, Shard: shard, Called: kind == "called"}, true
 }
 
+// ParseCallSubject reads the subject a call arrived on: CallSubject is the
+// implicit application's, AppCallSubject an application's. It returns
+// false for any other subject or an invalid application name.
+func ParseCallSubject(prefix, subject string) (app string, ok bool) {
+	if subject == CallSubject(prefix) {
+		return DefaultApplication, true
+	}
+	rest, ok := strings.CutPrefix(subject, prefix+".app.")
+	if !ok {
+		return "", false
+	}
+	app, ok = strings.CutSuffix(rest, ".call")
+	if !ok || ValidateApplication(app) != nil {
+		return "", false
+	}
+	return app, true
+}
+
 // TenantKey is a tenant's identity inside a fleet: the isolate key within
 // its application. The implicit application's tenants keep their isolate
 // key as it is; another application's are "<app>|<key>" ('|' is in

@@ -77,3 +77,26 @@ func TestValidateApplication(t *testing.T) {
 		}
 	}
 }
+
+func TestParseCallSubject(t *testing.T) {
+	for _, tt := range []struct {
+		subject, app string
+		ok           bool
+	}{
+		{"isode.call", DefaultApplication, true},
+		{"isode.app.app-b.call", "app-b", true},
+		{"isode.app.default.call", "", false},
+		{"isode.app.a.b.call", "", false},
+		{"isode.app..call", "", false},
+		{"isode.app.app-b.run.1", "", false},
+		{"other.call", "", false},
+	} {
+		app, ok := ParseCallSubject("isode", tt.subject)
+		if app != tt.app || ok != tt.ok {
+			t.Errorf("ParseCallSubject(%q) = %q, %v; want %q, %v", tt.subject, app, ok, tt.app, tt.ok)
+		}
+	}
+	if app, ok := ParseCallSubject("isode", AppCallSubject("isode", "shop_42")); !ok || app != "shop_42" {
+		t.Errorf("round trip: %q %v", app, ok)
+	}
+}
