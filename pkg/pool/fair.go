@@ -123,14 +123,10 @@ func (p *Pool) makeRoom(t *tenant) bool {
 	if victim == nil {
 		return false
 	}
-	w := victim.waiters.Remove(victim.waiters.Back()).(*waiter)
-	w.elem = nil
+	w := victim.waiters.Back().Value.(*waiter)
+	p.dequeue(w)
 	w.err = ErrQueueFull
 	p.stats.Rejections++
-	p.unqueue(victim)
-	if victim.waiters.Len() == 0 && victim.needyElem != nil {
-		p.removeNeedy(victim, false)
-	}
 	close(w.ready)
 	p.forget(victim)
 	return true

@@ -87,7 +87,7 @@ func (p *Pool) sweep(now time.Time) time.Time {
 	}
 	if p.needy.Len() > 0 {
 		// A tenant waits for a busy sandbox to serve its quantum.
-		if v := p.longestServed(p.needy.Front().Value.(*tenant)); v != nil {
+		if v := p.longestServed(p.victims(p.needy.Front().Value.(*tenant))); v != nil {
 			if at := v.assigned.Add(p.quantum()); now.Before(at) {
 				soon(at)
 			} else {

@@ -534,14 +534,16 @@ func (p *Pool) provide(t *tenant, reserved *int) provision {
 		*reserved++
 		return waitForSlot
 	}
-	if v := p.lruIdle(t); v != nil {
+	// Sandboxes t may take (fair.go), worked out once for both ways.
+	may := p.victims(t)
+	if v := p.lruIdle(may); v != nil {
 		p.stats.Evictions++
 		p.log.Debug().Str("sandbox", v.sb.ID()).Str("tenant", v.tenant.key).Str("for", t.key).Msg("evict least recently used sandbox")
 		p.retire(v, false)
 		p.startCreation(t, v)
 		return provided
 	}
-	if v := p.longestServed(t); v != nil {
+	if v := p.longestServed(may); v != nil {
 		at := v.assigned.Add(p.quantum())
 		if p.clock.Now().Before(at) {
 			p.wakeBy(at)
@@ -557,10 +559,9 @@ func (p *Pool) provide(t *tenant, reserved *int) provision {
 	return noCapacity
 }
 
-// longestServed returns the tenant sandbox assigned longest ago that t may
-// take (victims), or nil.
-func (p *Pool) longestServed(t *tenant) *entry {
-	may := p.victims(t)
+// longestServed returns the tenant sandbox assigned longest ago that may
+// allows (victims), or nil.
+func (p *Pool) longestServed(may func(*entry) bool) *entry {
 	var v *entry
 	for el := p.lru.Front(); el != nil; el = el.Next() {
 		if e := el.Value.(*entry); may(e) && (v == nil || e.assigned.Before(v.assigned)) {
@@ -578,9 +579,8 @@ func (p *Pool) quantum() time.Duration {
 }
 
 // lruIdle returns the least recently used tenant sandbox with nothing in
-// flight that t may take (victims), or nil.
-func (p *Pool) lruIdle(t *tenant) *entry {
-	may := p.victims(t)
+// flight that may allows (victims), or nil.
+func (p *Pool) lruIdle(may func(*entry) bool) *entry {
 	for el := p.lru.Front(); el != nil; el = el.Next() {
 		if e := el.Value.(*entry); e.inflight == 0 && may(e) {
 			return e
