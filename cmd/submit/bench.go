@@ -118,14 +118,7 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		if err := b.warmUp(keys, *conc); err != nil {
 			return err
 		}
-		if co.WorkerPID != 0 {
-			b.cpu = &co
-		}
-		warm := b.measure(fmt.Sprintf("warm (%d tenants)", *tenants), *conc, b.duration, b.count, 0, func(i int) error {
-			_, err := b.run(keys[i%len(keys)])
-			return err
-		})
-		b.cpu = nil
+		warm := b.measureKeys(fmt.Sprintf("warm (%d tenants)", *tenants), *conc, keys, co)
 		warm.Tenants = *tenants
 		rep.Results = append(rep.Results, warm)
 		if !*noBaseline {
@@ -183,14 +176,7 @@ func benchCmd(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		if err != nil {
 			return err
 		}
-		if co.WorkerPID != 0 {
-			b.cpu = &co
-		}
-		churn := b.measure(fmt.Sprintf("churn (%d tenants)", *tenants), *conc, b.duration, b.count, 0, func(i int) error {
-			_, err := b.run(keys[i%len(keys)])
-			return err
-		})
-		b.cpu = nil
+		churn := b.measureKeys(fmt.Sprintf("churn (%d tenants)", *tenants), *conc, keys, co)
 		after, err := gatherStats(ctx, nc, cf.prefix, 500*time.Millisecond)
 		if err != nil {
 			return err
@@ -309,6 +295,19 @@ func (b *bench) echo(conc int) (benchResult, error) {
 // measure runs fn from conc callers for d, or n times in all, and reports
 // latencies and throughput. Each caller waits pause between its runs, off
 // the clock.
+// measureKeys measures runs of keys in turn, with the CPU window of co
+// when it names a worker.
+func (b *bench) measureKeys(name string, conc int, keys []string, co cpuOptions) benchResult {
+	if co.WorkerPID != 0 {
+		b.cpu = &co
+		defer func() { b.cpu = nil }()
+	}
+	return b.measure(name, conc, b.duration, b.count, 0, func(i int) error {
+		_, err := b.run(keys[i%len(keys)])
+		return err
+	})
+}
+
 func (b *bench) measure(name string, conc int, d time.Duration, n int, pause time.Duration, fn func(i int) error) benchResult {
 	var (
 		next    atomic.Int64
