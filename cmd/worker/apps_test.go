@@ -273,7 +273,11 @@ func TestApplicationsAreIsolated(t *testing.T) {
 					m.Data = body
 					m.Header.Set(protocol.HeaderMsgID, fmt.Sprintf("b-flood-%d-%d", round, s))
 					m.Header.Set(protocol.HeaderReplyTo, inbox)
-					m.Header.Set(protocol.HeaderDeadline, strconv.FormatInt(time.Now().Add(5*time.Second).UnixMilli(), 10))
+					// Long enough not to expire in the stream: expired
+					// requests are drained at once, and on a loaded
+					// machine, where B publishes slowly, a 5 s deadline
+					// let the backlog drain as fast as B added to it.
+					m.Header.Set(protocol.HeaderDeadline, strconv.FormatInt(time.Now().Add(30*time.Second).UnixMilli(), 10))
 					f, err := js.PublishMsgAsync(m)
 					if err != nil {
 						refused.Add(1)
