@@ -1,9 +1,11 @@
 'use strict';
 // isode sandbox agent: the only process of a sandbox container (under
 // Docker's init). It reads requests from the container's stdin and writes
-// replies to its stdout, and runs tenants' snippets in worker_threads
+// replies to its stdout, or does both on a unix socket the host listens on
+// (ISODE_AGENT_SOCKET), and runs tenants' snippets in worker_threads
 // Workers (worker.js), so this main thread only routes frames and owns the
-// deadlines. It exits when stdin ends: the worker that attached it is gone.
+// deadlines. It exits when stdin (or the socket) ends: the worker that
+// attached it is gone.
 //
 // Framing, both ways: a 4-byte big-endian length, then that many bytes of a
 // UTF-8 JSON object.
@@ -38,6 +40,10 @@
 //   ISODE_MAX_REQUEST_BYTES largest frame this agent accepts (default 4 MiB)
 //   ISODE_IDLE_TRIM_MS      idle time after which extra Workers end (default 30000)
 //   ISODE_SPAWN_DELAY_MS    wait behind busy Workers before another starts (default 50)
+//   ISODE_AGENT_SOCKET      a unix socket to connect to: the protocol runs
+//                           over it instead of stdin and stdout (exit 76
+//                           when it cannot be reached); stdin's end still
+//                           ends the agent
 //   ISODE_KILL_LEFTOVERS    1: kill processes snippets left running, once
 //                           no request is in flight (set in containers only)
 // stderr carries the agent's own diagnostics, one line each.
@@ -836,12 +842,38 @@ function main(extra) {
     process.exit(2);
   }
   const { inFd, outFd } = privateStdio(log);
-  const input = streamOf(inFd, true);
-  const output = streamOf(outFd, false);
-  output.on('error', (e) => {
-    log(`protocol output failed: ${e.message}`);
-    process.exit(1);
-  });
+  const stdin = streamOf(inFd, true);
+  let input = stdin;
+  let output;
+  const socketPath = process.env.ISODE_AGENT_SOCKET;
+  if (socketPath) {
+    // The host listens on a socket mounted for this sandbox alone: the
+    // protocol runs over it, and stdin only tells when the host is gone.
+    fs.closeSync(outFd);
+    const sock = net.createConnection({ path: socketPath });
+    let connected = false;
+    sock.once('connect', () => {
+      connected = true;
+    });
+    sock.on('error', (e) => {
+      if (connected) {
+        log(`protocol socket failed: ${e.message}`);
+        process.exit(1);
+      }
+      log(`cannot reach the host's socket ${socketPath}: ${e.message}`);
+      process.exit(76);
+    });
+    stdin.on('data', () => {}); // nothing comes this way: only its end
+    stdin.on('end', () => process.exit(0));
+    stdin.on('error', () => process.exit(0));
+    input = output = sock;
+  } else {
+    output = streamOf(outFd, false);
+    output.on('error', (e) => {
+      log(`protocol output failed: ${e.message}`);
+      process.exit(1);
+    });
+  }
   const onStuck = (why) => {
     log(`${why}: exiting`);
     process.exit(70);

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"net"
 	"testing"
 	"time"
 
@@ -34,7 +35,7 @@ func goneBeforeTold(t *testing.T, s *Sandbox, end func(), calls map[uint64]proto
 	for id := range calls {
 		c := &call{ch: make(chan outcome)}
 		chans[id] = c.ch
-		if err := s.register(id, c); err != nil {
+		if err := s.conn.register(id, c); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -61,14 +62,24 @@ func goneBeforeTold(t *testing.T, s *Sandbox, end func(), calls map[uint64]proto
 	}
 }
 
+// pipedSandbox is a Sandbox whose agent connection is one end of a pipe
+// nobody reads.
+func pipedSandbox(t *testing.T, id string) *Sandbox {
+	s := newSandbox(endRuntime(t), id, "n-"+id, "")
+	a, b := net.Pipe()
+	t.Cleanup(func() { a.Close(); b.Close() })
+	s.conn = newAgentConn(a, s.rt.cfg.MaxFrameBytes, s.rt.cfg.MaxRequestBytes, s.broken)
+	return s
+}
+
 func TestEndClosesDoneBeforeFailingCalls(t *testing.T) {
-	s := newSandbox(endRuntime(t), "c1", "n1", "")
+	s := pipedSandbox(t, "c1")
 	goneBeforeTold(t, s, func() { s.end(protocol.Errorf(protocol.CodeSandboxCrashed, "killed"), false) },
 		map[uint64]protocol.Code{1: protocol.CodeSandboxCrashed, 2: protocol.CodeSandboxCrashed})
 }
 
 func TestWedgedClosesDoneBeforeTimingOut(t *testing.T) {
-	s := newSandbox(endRuntime(t), "c2", "n2", "")
-	goneBeforeTold(t, s, func() { s.wedged(1, time.Second) },
+	s := pipedSandbox(t, "c2")
+	goneBeforeTold(t, s, func() { s.conn.wedged(1, time.Second) },
 		map[uint64]protocol.Code{1: protocol.CodeTimeout, 2: protocol.CodeSandboxCrashed})
 }

@@ -70,7 +70,13 @@ func TestHardeningFromInside(t *testing.T) {
 		t.Fatal(err)
 	}
 	hc := info.HostConfig
-	if len(info.Mounts) != 0 || hc.Privileged || string(hc.NetworkMode) != "none" || !hc.ReadonlyRootfs || hc.PidsLimit == nil || *hc.PidsLimit != e.cfg.PidsLimit || hc.LogConfig.Type != "none" {
+	// The one mount is the agent's socket directory, read-only.
+	for _, m := range info.Mounts {
+		if m.Destination != "/run/isode" || m.RW || string(m.Type) != "bind" || !strings.HasPrefix(m.Source, e.cfg.AgentSocketDir+"/") {
+			t.Errorf("mount %+v: want only the agent socket's directory, read-only", m)
+		}
+	}
+	if len(info.Mounts) != 1 || hc.Privileged || string(hc.NetworkMode) != "none" || !hc.ReadonlyRootfs || hc.PidsLimit == nil || *hc.PidsLimit != e.cfg.PidsLimit || hc.LogConfig.Type != "none" {
 		t.Errorf("container is not hardened as configured: mounts %v, host config %+v", info.Mounts, hc)
 	}
 	for _, opt := range hc.SecurityOpt {

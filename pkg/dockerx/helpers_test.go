@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -38,6 +39,7 @@ func newEnv(t testing.TB, mod func(*dockerx.Config)) *env {
 	cfg := dockerx.DefaultConfig()
 	cfg.Image = testenv.Image(t, cli)
 	cfg.WorkerID = "test-" + randomHex(6)
+	cfg.AgentSocketDir = socketDir(t) // what the worker does on the engine's host
 	if mod != nil {
 		mod(&cfg)
 	}
@@ -147,3 +149,19 @@ func wantCode(t testing.TB, s *dockerx.Sandbox, code string, timeout time.Durati
 }
 
 func contains(s, sub string) bool { return strings.Contains(s, sub) }
+
+// socketDir returns a directory for agent sockets, short enough for their
+// paths, removed at cleanup.
+func socketDir(t testing.TB) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "isode-s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
+// attachTransport makes a Runtime's sandboxes speak over their attach
+// streams, as with a remote engine.
+func attachTransport(c *dockerx.Config) { c.AgentSocketDir = "" }

@@ -119,38 +119,34 @@ func TestPausedSandboxTimesOut(t *testing.T) {
 	e.waitNoContainers(15 * time.Second)
 }
 
-// TestProtocolViolation: a snippet that finds the protocol pipe and writes
+// TestProtocolViolation: a snippet that finds the protocol stream (the
+// pipe of the attach transport, or the agent's unix socket) and writes
 // garbage to it breaks its own sandbox, which is failed as such.
 func TestProtocolViolation(t *testing.T) {
-	e := newEnv(t, nil)
-	s := e.create("")
-	// The protocol's pipes are the only pipes of which the process holds
-	// one end (libuv's own pipes come in pairs); the write end is the
-	// reply stream.
-	code := `return function (cb) {
-		const fs = require("fs");
-		const pipes = {};
-		for (const fd of fs.readdirSync("/proc/self/fd")) {
-			let l; try { l = fs.readlinkSync("/proc/self/fd/" + fd) } catch { continue }
-			if (l.startsWith("pipe:") && fd !== "2") (pipes[l] = pipes[l] || []).push(Number(fd));
-		}
-		for (const fds of Object.values(pipes)) {
-			if (fds.length !== 1) continue;
-			const flags = parseInt(fs.readFileSync("/proc/self/fdinfo/" + fds[0], "utf8").match(/flags:\s*(\d+)/)[1], 8);
-			if ((flags & 3) === 1) fs.writeSync(fds[0], Buffer.from([0, 0, 0, 5, 104, 101, 108, 108, 111]));
-		}
-		setTimeout(() => cb(null, 1), 5000);
-	}`
-	_, err := run(t, s, code, "", 10*time.Second)
-	if pe := protocol.AsError(err); pe == nil || pe.Code != protocol.CodeSandboxCrashed {
-		t.Fatalf("got %v, want sandbox_crashed", err)
+	for _, tr := range []struct {
+		name string
+		mod  func(*dockerx.Config)
+	}{{"socket", nil}, {"attach", attachTransport}} {
+		t.Run(tr.name, func(t *testing.T) {
+			e := newEnv(t, tr.mod)
+			s := e.create("")
+			code := `return function (cb) {
+				` + testenv.PipesJS + `
+				require("fs").writeSync(pipes().out, Buffer.from([0, 0, 0, 5, 104, 101, 108, 108, 111]));
+				setTimeout(() => cb(null, 1), 5000);
+			}`
+			_, err := run(t, s, code, "", 10*time.Second)
+			if pe := protocol.AsError(err); pe == nil || pe.Code != protocol.CodeSandboxCrashed {
+				t.Fatalf("got %v, want sandbox_crashed", err)
+			}
+			// Noticed at once; the reason waits up to a second for an oom event.
+			waitDone(t, s, 3*time.Second, protocol.CodeSandboxCrashed)
+			if msg := s.Err().Error(); !contains(msg, "broke protocol") {
+				t.Fatalf("Err() = %q, want it to say the sandbox broke protocol", msg)
+			}
+			e.waitNoContainers(10 * time.Second)
+		})
 	}
-	// Noticed at once; the reason waits up to a second for an oom event.
-	waitDone(t, s, 3*time.Second, protocol.CodeSandboxCrashed)
-	if msg := s.Err().Error(); !contains(msg, "broke protocol") {
-		t.Fatalf("Err() = %q, want it to say the sandbox broke protocol", msg)
-	}
-	e.waitNoContainers(10 * time.Second)
 }
 
 func TestCloseSandbox(t *testing.T) {

@@ -203,7 +203,7 @@ func TestReaperRemovesDeadWorkersContainers(t *testing.T) {
 	}
 }
 
-const holdEnv = "ISODE_TEST_HOLD_STDIN" // fleet/worker of the helper process
+const holdEnv = "ISODE_TEST_HOLD_STDIN" // fleet/worker[/socket dir] of the helper process
 
 // TestReaperRemovesSandboxThatOutlivesItsWorker shows the weakness of the
 // stdin dead-man switch and its remedy. A worker process (runtime A, a
@@ -222,46 +222,10 @@ func TestReaperRemovesSandboxThatOutlivesItsWorker(t *testing.T) {
 	e, logs := reaperEnv(t, fleet)
 	t.Cleanup(func() { testenv.RemoveByLabel(t, e.cli, dockerx.LabelWorker, workerA) })
 
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^TestReaperRemovesSandboxThatOutlivesItsWorker$", "-test.count=1", "-test.v")
-	cmd.Env = append(os.Environ(), holdEnv+"="+fleet+"/"+workerA)
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	killed := false
-	defer func() {
-		if !killed {
-			cmd.Process.Kill()
-			cmd.Wait()
-		}
-	}()
-	var held, control string
-	var out []string
-	sc := bufio.NewScanner(stdout)
-	for (held == "" || control == "") && sc.Scan() {
-		out = append(out, sc.Text())
-		if v, ok := strings.CutPrefix(sc.Text(), "held "); ok {
-			held, _, _ = strings.Cut(v, " ")
-			t.Logf("snippet in %.12s: %s", held, v[len(held)+1:])
-		}
-		if v, ok := strings.CutPrefix(sc.Text(), "control "); ok {
-			control = v
-		}
-	}
-	if held == "" || control == "" {
-		t.Fatalf("the helper did not make both sandboxes:\n%s", strings.Join(out, "\n"))
-	}
+	held, control, kill := startHolder(t, "^TestReaperRemovesSandboxThatOutlivesItsWorker$", fleet+"/"+workerA)
 
 	// SIGKILL: the worker's attach connections close, nothing else happens.
-	cmd.Process.Kill()
-	cmd.Wait()
-	killed = true
+	kill()
 	waitGone(t, e.cli, control, "the control sandbox (the dead-man switch)", 30*time.Second)
 	eof := time.Now()
 	if s := state(t, e.cli, held); s != "running" {
@@ -285,16 +249,79 @@ func TestReaperRemovesSandboxThatOutlivesItsWorker(t *testing.T) {
 	}
 }
 
+// startHolder runs holdHelper in a process of its own (the test named by
+// run, with holdEnv set to v) and returns the ids of its held and control
+// sandboxes and a function that SIGKILLs it.
+func startHolder(t *testing.T, run, v string) (held, control string, kill func()) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	cmd := exec.CommandContext(ctx, os.Args[0], "-test.run="+run, "-test.count=1", "-test.v")
+	cmd.Env = append(os.Environ(), holdEnv+"="+v)
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var once sync.Once
+	kill = func() {
+		once.Do(func() {
+			cmd.Process.Kill()
+			cmd.Wait()
+			cancel()
+		})
+	}
+	t.Cleanup(kill)
+	var out []string
+	sc := bufio.NewScanner(stdout)
+	for (held == "" || control == "") && sc.Scan() {
+		out = append(out, sc.Text())
+		if v, ok := strings.CutPrefix(sc.Text(), "held "); ok {
+			held, _, _ = strings.Cut(v, " ")
+			t.Logf("snippet in %.12s: %s", held, v[len(held)+1:])
+		}
+		if v, ok := strings.CutPrefix(sc.Text(), "control "); ok {
+			control = v
+		}
+	}
+	if held == "" || control == "" {
+		t.Fatalf("the helper did not make both sandboxes:\n%s", strings.Join(out, "\n"))
+	}
+	return held, control, kill
+}
+
+// TestSocketDeadManIgnoresHeldStdin: with the unix-socket transport a
+// snippet that holds its agent's stdin open cannot keep its sandbox alive
+// past its worker: the agent also exits when its socket ends, which no
+// descriptor inside the sandbox can hold open (the host's end closes).
+func TestSocketDeadManIgnoresHeldStdin(t *testing.T) {
+	if v := os.Getenv(holdEnv); v != "" {
+		holdHelper(t, v)
+		return
+	}
+	cli := testenv.Docker(t)
+	worker := "test-h-" + randomHex(4)
+	t.Cleanup(func() { testenv.RemoveByLabel(t, cli, dockerx.LabelWorker, worker) })
+	held, control, kill := startHolder(t, "^TestSocketDeadManIgnoresHeldStdin$", "test-fleet-"+randomHex(4)+"/"+worker+"/"+socketDir(t))
+	kill()
+	waitGone(t, cli, control, "the control sandbox", 30*time.Second)
+	waitGone(t, cli, held, "the held sandbox (the socket's dead-man switch)", 30*time.Second)
+}
+
 // holdHelper is runtime A of TestReaperRemovesSandboxThatOutlivesItsWorker:
 // it makes the held and the control sandbox, says which, and waits to be
 // killed.
 func holdHelper(t *testing.T, v string) {
 	fleet, worker, _ := strings.Cut(v, "/")
+	worker, sockets, _ := strings.Cut(worker, "/")
 	cli := testenv.Docker(t)
 	cfg := dockerx.DefaultConfig()
 	cfg.Image = testenv.Image(t, cli)
 	cfg.Fleet = fleet
 	cfg.WorkerID = worker
+	cfg.AgentSocketDir = sockets
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	rt, err := dockerx.New(ctx, cfg)

@@ -39,6 +39,7 @@ type Runtime struct {
 	sandboxes map[string]*Sandbox // by container id
 	creating  map[string]bool     // names of containers being created
 	reaping   bool                // StartReaper has started the reaper
+	sockBase  string              // this Runtime's directory of agent sockets; "": the attach transport
 
 	nodeArgs []string // node's arguments; nil: sandbox.Args() (tests compare others)
 }
@@ -80,6 +81,13 @@ func New(ctx context.Context, cfg Config) (*Runtime, error) {
 		r.cancel()
 		cli.Close()
 		return nil, err
+	}
+	if cfg.AgentSocketDir != "" {
+		if r.sockBase, err = openSocketBase(cfg.AgentSocketDir); err != nil {
+			r.cancel()
+			cli.Close()
+			return nil, err
+		}
 	}
 	subscribed := make(chan error, 1)
 	r.wg.Add(1)
@@ -178,7 +186,14 @@ func (r *Runtime) Create(ctx context.Context, tenant string) (*Sandbox, error) {
 }
 
 func (r *Runtime) create(ctx context.Context, name, tenant string) (_ *Sandbox, err error) {
-	cfg, host := containerSpec(&r.cfg, tenant)
+	sock, err := r.listenAgent(name)
+	if err != nil {
+		return nil, err
+	}
+	if sock != nil {
+		defer sock.close()
+	}
+	cfg, host := containerSpec(&r.cfg, tenant, sock.hostDir())
 	if r.nodeArgs != nil {
 		cfg.Cmd = r.nodeArgs
 	}
@@ -218,13 +233,22 @@ func (r *Runtime) create(ctx context.Context, name, tenant string) (_ *Sandbox, 
 	if err != nil {
 		return nil, fmt.Errorf("attach container: %w", err)
 	}
-	s.attach(hr.Conn, hr.Reader)
+	s.attach(hr.Conn, hr.Reader, sock != nil)
 
 	cctx, cancel = r.callCtx(ctx)
 	err = r.cli.ContainerStart(cctx, resp.ID, container.StartOptions{})
 	cancel()
 	if err != nil {
 		return nil, fmt.Errorf("start container: %w", err)
+	}
+	if sock != nil {
+		actx, cancel := context.WithTimeout(ctx, r.cfg.ReadyTimeout)
+		conn, err := sock.accept(actx, s)
+		cancel()
+		if err != nil {
+			return nil, r.socketFailed(s, err)
+		}
+		s.connect(conn)
 	}
 
 	pctx, cancel := context.WithTimeout(ctx, r.cfg.ReadyTimeout)
@@ -363,7 +387,12 @@ func (r *Runtime) Close(ctx context.Context) error {
 
 	r.mu.Lock()
 	r.cancel()
+	base := r.sockBase
+	r.sockBase = ""
 	r.mu.Unlock()
 	r.wg.Wait()
+	if base != "" {
+		errs = append(errs, os.RemoveAll(base))
+	}
 	return errors.Join(append(errs, r.cli.Close())...)
 }

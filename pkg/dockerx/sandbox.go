@@ -18,57 +18,47 @@ import (
 )
 
 // Sandbox is one container running the agent. It implements pool.Sandbox;
-// all methods are safe for concurrent use.
+// all methods are safe for concurrent use. It owns the container's
+// streams and its death diagnosis; the agent protocol itself is an
+// agentConn, over the container's unix socket (Config.AgentSocketDir) or
+// over its attach stream.
 type Sandbox struct {
 	rt      *Runtime
 	id      string
 	name    string
 	created time.Time
 	tenant  atomic.Pointer[string]
-	nextID  atomic.Uint64
 
-	conn net.Conn   // the attach connection: stdin out, multiplexed stdout/stderr in
-	wmu  sync.Mutex // serialises frames to stdin
+	mu         sync.Mutex
+	conn       *agentConn // nil until the protocol stream is there
+	attachConn net.Conn   // the attach stream: stdin in, multiplexed stdout/stderr out
+	sock       net.Conn   // the agent's unix socket; nil with the attach transport
+	gone       bool
+	err        error // why it is gone; nil after Close
+	stderr     tail
+	exit       *exitInfo // from the die event
+	oom        bool      // an oom event was seen
 
-	mu      sync.Mutex
-	pending map[uint64]*call
-	gone    bool
-	err     error // why it is gone; nil after Close
-	stderr  tail
-	exit    *exitInfo // from the die event
-	oom     bool      // an oom event was seen
-
-	done chan struct{} // closed when gone
-	died chan struct{} // closed on the die event
-	oomc chan struct{} // closed on the oom event
-	wg   sync.WaitGroup
-}
-
-// call is one request waiting for its reply.
-type call struct {
-	ch        chan outcome // buffered: the reader never blocks on it
-	abandoned bool         // the caller went away; the reply is dropped
-	wedge     *time.Timer  // for abandoned calls: fails the sandbox if no reply comes
-}
-
-type outcome struct {
-	reply *agentReply
-	err   error
+	done       chan struct{} // closed when gone
+	died       chan struct{} // closed on the die event
+	oomc       chan struct{} // closed on the oom event
+	stderrDone chan struct{} // closed when the attach stream has ended
+	wg         sync.WaitGroup
 }
 
 type exitInfo struct{ code int }
 
 func newSandbox(rt *Runtime, id, name, tenant string) *Sandbox {
 	s := &Sandbox{
-		rt:      rt,
-		id:      id,
-		name:    name,
-		created: time.Now(),
-		pending: make(map[uint64]*call),
-		stderr:  tail{max: rt.cfg.StderrTailBytes},
-		done:    make(chan struct{}),
-		died:    make(chan struct{}),
-		oomc:    make(chan struct{}),
+		rt:         rt,
+		id:         id,
+		name:       name,
+		created:    time.Now(),
+		stderr:     tail{max: rt.cfg.StderrTailBytes},
+		done:       make(chan struct{}),
+		died:       make(chan struct{}),
+		oomc:       make(chan struct{}),
+		stderrDone: make(chan struct{}),
 	}
 	s.tenant.Store(&tenant)
 	return s
@@ -135,9 +125,11 @@ func (s *Sandbox) Run(ctx context.Context, req *protocol.Request) (*protocol.Res
 	if agentBudget < time.Millisecond {
 		return nil, protocol.Errorf(protocol.CodeQueueTimeout, "the request's deadline passed before the snippet could start")
 	}
-	id := s.nextID.Add(1)
-	frame, err := encodeFrame(agentRequest{
-		ID:              id,
+	conn := s.protocol()
+	if conn == nil {
+		return nil, protocol.Errorf(protocol.CodeSandboxCrashed, "the sandbox is not started")
+	}
+	reply, err := conn.do(ctx, &agentRequest{
 		Op:              "run",
 		Code:            req.Code,
 		Input:           req.Input,
@@ -145,81 +137,22 @@ func (s *Sandbox) Run(ctx context.Context, req *protocol.Request) (*protocol.Res
 		LimitMs:         budget.Milliseconds(),
 		MaxResultBytes:  s.rt.cfg.MaxResultBytes,
 		MaxConsoleBytes: s.rt.cfg.MaxConsoleBytes,
-	})
+	}, budget+s.rt.cfg.RunGrace)
 	if err != nil {
-		return nil, protocol.Errorf(protocol.CodeBadRequest, "cannot encode the request: %v", err)
-	}
-	if len(frame)-4 > s.rt.cfg.MaxRequestBytes {
-		return nil, protocol.Errorf(protocol.CodeBadRequest, "request is %d bytes encoded, over the sandbox's limit of %d", len(frame)-4, s.rt.cfg.MaxRequestBytes)
-	}
-	return s.roundTrip(ctx, id, frame, budget+s.rt.cfg.RunGrace)
-}
-
-// roundTrip sends a frame and waits up to wait for its reply.
-func (s *Sandbox) roundTrip(ctx context.Context, id uint64, frame []byte, wait time.Duration) (*protocol.Result, error) {
-	c := &call{ch: make(chan outcome, 1)}
-	if err := s.register(id, c); err != nil {
 		return nil, err
 	}
-	deadline := time.Now().Add(wait)
-	s.send(frame, deadline) // on failure the sandbox fails, and c with it
-
-	timer := time.NewTimer(wait)
-	defer timer.Stop()
-	done := ctx.Done()
-	for {
-		select {
-		case o := <-c.ch:
-			return s.result(o)
-		case <-timer.C:
-			s.wedged(id, wait)
-			return s.result(<-c.ch)
-		case <-done:
-			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-				done = nil // the agent answers at its own deadline: wait for it
-				continue
-			}
-			s.abandon(id, deadline)
-			return nil, protocol.Errorf(protocol.CodeShuttingDown, "the run was cancelled: %v", context.Cause(ctx))
-		}
-	}
+	return s.result(reply)
 }
 
-func (s *Sandbox) register(id uint64, c *call) error {
+// protocol returns the agent connection, nil before it is set up.
+func (s *Sandbox) protocol() *agentConn {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.gone {
-		return s.goneError()
-	}
-	s.pending[id] = c
-	return nil
-}
-
-// goneError is what a run on a gone sandbox returns. s.mu is held.
-func (s *Sandbox) goneError() error {
-	if pe := protocol.AsError(s.err); pe != nil {
-		return pe
-	}
-	return protocol.Errorf(protocol.CodeSandboxCrashed, "the sandbox was closed")
-}
-
-// send writes one frame to the agent. A failed or timed-out write leaves
-// the stream in an unknown state: the sandbox is failed.
-func (s *Sandbox) send(frame []byte, deadline time.Time) {
-	s.wmu.Lock()
-	defer s.wmu.Unlock()
-	_ = s.conn.SetWriteDeadline(deadline)
-	if _, err := s.conn.Write(frame); err != nil {
-		s.end(protocol.Errorf(protocol.CodeSandboxCrashed, "writing to the sandbox failed: %v", err), true)
-	}
+	return s.conn
 }
 
 // result turns an agent reply into Run's results.
-func (s *Sandbox) result(o outcome) (*protocol.Result, error) {
-	if o.err != nil {
-		return nil, o.err
-	}
-	r := o.reply
+func (s *Sandbox) result(r *agentReply) (*protocol.Result, error) {
 	res := &protocol.Result{Console: r.Console, ConsoleTruncated: r.ConsoleTruncated}
 	if u := r.Usage; u != nil {
 		if u.CPUNanos != nil {
@@ -241,63 +174,8 @@ func (s *Sandbox) result(o outcome) (*protocol.Result, error) {
 	return res, nil
 }
 
-// wedged handles a call whose agent did not answer within its wait: the
-// call fails with timeout and the sandbox, which no longer keeps its own
-// deadlines, is closed.
-func (s *Sandbox) wedged(id uint64, wait time.Duration) {
-	s.mu.Lock()
-	c, ok := s.pending[id]
-	if ok {
-		delete(s.pending, id)
-	}
-	s.mu.Unlock()
-	if !ok {
-		return // answered meanwhile, or the sandbox ended: c.ch has it
-	}
-	// Gone first, told second: see end.
-	s.end(protocol.Errorf(protocol.CodeSandboxCrashed, "the sandbox stopped answering (paused or wedged) and was closed"), true)
-	c.ch <- outcome{err: protocol.Errorf(protocol.CodeTimeout,
-		"the sandbox did not answer within %v (it is paused or wedged) and was closed", wait.Round(time.Millisecond))}
-}
-
-// abandon leaves a call whose caller went away pending, so that its reply
-// is recognised and dropped; if none comes by deadline the sandbox is wedged.
-func (s *Sandbox) abandon(id uint64, deadline time.Time) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	c, ok := s.pending[id]
-	if !ok || s.gone {
-		return
-	}
-	c.abandoned = true
-	c.wedge = time.AfterFunc(time.Until(deadline), func() { s.wedged(id, time.Until(deadline)) })
-}
-
-// deliver hands a reply to its call. A reply to an id that is not pending
-// is a violation: the agent answers each request exactly once.
-func (s *Sandbox) deliver(r *agentReply) error {
-	s.mu.Lock()
-	c, ok := s.pending[*r.ID]
-	if ok {
-		delete(s.pending, *r.ID)
-	}
-	gone := s.gone
-	s.mu.Unlock()
-	if !ok {
-		if gone {
-			return nil
-		}
-		return violation("reply to request %d, which is not in flight", *r.ID)
-	}
-	if c.wedge != nil {
-		c.wedge.Stop()
-	}
-	c.ch <- outcome{reply: r}
-	return nil
-}
-
 // end makes the sandbox gone for reason (nil: closed by its owner), fails
-// the calls in flight and closes the connection, which ends the reader. It
+// the calls in flight and closes its streams, which ends the readers. It
 // removes the container in the background when removeAsync is set. It
 // reports whether this call ended it.
 func (s *Sandbox) end(reason *protocol.Error, removeAsync bool) bool {
@@ -307,29 +185,23 @@ func (s *Sandbox) end(reason *protocol.Error, removeAsync bool) bool {
 		return false
 	}
 	s.gone = true
-	runErr := reason
 	if reason != nil {
 		s.err = reason
-	} else {
-		runErr = protocol.Errorf(protocol.CodeSandboxCrashed, "the sandbox was closed while the request ran")
 	}
-	pending := s.pending
-	s.pending = nil
-	conn := s.conn
+	conn, attachConn, sock := s.conn, s.attachConn, s.sock
 	s.mu.Unlock()
 
 	// Done is closed before any caller hears of the end: a caller that
 	// learns its run failed must find the sandbox gone, or its owner
 	// (the pool) hands the dead sandbox to the tenant's next request.
 	close(s.done)
-	for _, c := range pending {
-		if c.wedge != nil {
-			c.wedge.Stop()
-		}
-		c.ch <- outcome{err: runErr}
-	}
 	if conn != nil {
-		_ = conn.Close()
+		conn.fail(reason)
+	}
+	for _, c := range []net.Conn{attachConn, sock} {
+		if c != nil {
+			_ = c.Close()
+		}
 	}
 	if reason != nil {
 		s.mu.Lock()
@@ -344,9 +216,12 @@ func (s *Sandbox) end(reason *protocol.Error, removeAsync bool) bool {
 	return true
 }
 
+// broken ends a sandbox whose agent connection failed on its own.
+func (s *Sandbox) broken(reason *protocol.Error) { s.end(reason, true) }
+
 // Close stops and removes the container. Runs in flight fail with
 // sandbox_crashed. It is idempotent; a container that is already gone is
-// no error. It waits for the sandbox's reader to stop.
+// no error. It waits for the sandbox's readers to stop.
 func (s *Sandbox) Close(ctx context.Context) error {
 	s.end(nil, false)
 	err := s.rt.remove(ctx, s.id)
@@ -354,24 +229,56 @@ func (s *Sandbox) Close(ctx context.Context) error {
 	return err
 }
 
-// attach starts the reader of the attach stream.
-func (s *Sandbox) attach(conn net.Conn, r *bufio.Reader) {
+// attach takes the container's attach stream and starts its reader. With
+// the attach transport (viaSocket false) the stream also carries the
+// protocol: stdin the requests, stdout the replies. Otherwise the agent's
+// unix socket carries it (connect), and the attach stream is kept for
+// stderr and as the agent's dead-man switch (StdinOnce).
+func (s *Sandbox) attach(conn net.Conn, r *bufio.Reader, viaSocket bool) {
+	var ac *agentConn
+	if !viaSocket {
+		ac = newAgentConn(conn, s.rt.cfg.MaxFrameBytes, s.rt.cfg.MaxRequestBytes, s.broken)
+	}
 	s.mu.Lock()
-	s.conn = conn
+	s.attachConn = conn
+	s.conn = ac
 	gone := s.gone
 	s.mu.Unlock()
 	if gone { // closed while being created
 		_ = conn.Close()
 	}
 	s.wg.Add(1)
-	go s.read(r)
+	go func() {
+		defer s.wg.Done()
+		err := s.demux(r, ac)
+		close(s.stderrDone)
+		if ac != nil {
+			s.ended(err)
+		}
+	}()
 }
 
-// read owns the output side of the attach stream until it ends, then
-// decides why the sandbox is gone.
-func (s *Sandbox) read(r *bufio.Reader) {
-	defer s.wg.Done()
-	err := s.demux(r)
+// connect takes the agent's connection on its unix socket and starts its
+// reader.
+func (s *Sandbox) connect(sock net.Conn) {
+	ac := newAgentConn(sock, s.rt.cfg.MaxFrameBytes, s.rt.cfg.MaxRequestBytes, s.broken)
+	s.mu.Lock()
+	s.sock = sock
+	s.conn = ac
+	gone := s.gone
+	s.mu.Unlock()
+	if gone {
+		ac.fail(nil)
+	}
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		s.ended(ac.readStream(sock))
+	}()
+}
+
+// ended decides why the protocol stream ended with err.
+func (s *Sandbox) ended(err error) {
 	s.mu.Lock()
 	gone := s.gone
 	s.mu.Unlock()
@@ -394,10 +301,10 @@ const (
 	streamSystemErr = 3
 )
 
-// demux reads Docker's 8-byte-header frames: stdout goes to the frame
-// reader, stderr to the bounded tail.
-func (s *Sandbox) demux(r io.Reader) error {
-	fr := frameReader{max: s.rt.cfg.MaxFrameBytes}
+// demux reads Docker's 8-byte-header frames: stdout goes to the agent
+// connection (nil: discarded; the protocol has a socket of its own), stderr
+// to the bounded tail.
+func (s *Sandbox) demux(r io.Reader, conn *agentConn) error {
 	var hdr [8]byte
 	var chunk [4096]byte
 	for {
@@ -407,7 +314,13 @@ func (s *Sandbox) demux(r io.Reader) error {
 		n := int(binary.BigEndian.Uint32(hdr[4:]))
 		switch hdr[0] {
 		case streamStdout:
-			if err := fr.readFrom(r, n, s.onFrame); err != nil {
+			if conn != nil {
+				if err := conn.readChunk(r, n); err != nil {
+					return err
+				}
+				continue
+			}
+			if _, err := io.CopyN(io.Discard, r, int64(n)); err != nil {
 				return err
 			}
 		case streamStderr:
@@ -430,14 +343,6 @@ func (s *Sandbox) demux(r io.Reader) error {
 	}
 }
 
-func (s *Sandbox) onFrame(body []byte) error {
-	r, err := decodeReply(body)
-	if err != nil {
-		return err
-	}
-	return s.deliver(r)
-}
-
 // noteOOM and noteDie record the container's events.
 func (s *Sandbox) noteOOM() {
 	s.mu.Lock()
@@ -456,10 +361,12 @@ func (s *Sandbox) noteDie(code int) {
 	}
 	s.exit = &exitInfo{code: code}
 	close(s.died)
-	if s.conn != nil {
-		// The attach stream ends when the container dies; should it not,
-		// this wakes the reader so that the death is noticed anyway.
-		_ = s.conn.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+	// The streams end when the container dies; should they not, this
+	// wakes the readers so that the death is noticed anyway.
+	for _, c := range []net.Conn{s.attachConn, s.sock} {
+		if c != nil {
+			_ = c.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+		}
 	}
 }
 
@@ -471,6 +378,10 @@ func (s *Sandbox) noteDie(code int) {
 const (
 	dieEventWait = 750 * time.Millisecond
 	oomEventWait = time.Second
+	// stderrWait bounds the wait for the rest of the agent's stderr once
+	// its protocol socket has ended (with the attach transport the two end
+	// together).
+	stderrWait = 500 * time.Millisecond
 )
 
 // deathReason says why the attach stream ended with err, from the
@@ -483,6 +394,16 @@ func (s *Sandbox) deathReason(streamErr error) *protocol.Error {
 	case <-s.died:
 	case <-t.C:
 	case <-s.done: // closed meanwhile: the reason no longer matters
+		return nil
+	}
+	// The agent's last words (a V8 heap abort) may still be on their way
+	// through the attach stream, which ends with the container.
+	t2 := time.NewTimer(stderrWait)
+	defer t2.Stop()
+	select {
+	case <-s.stderrDone:
+	case <-t2.C:
+	case <-s.done:
 		return nil
 	}
 	s.mu.Lock()
@@ -573,17 +494,19 @@ func (s *Sandbox) Ping(ctx context.Context) (*AgentStatus, error) {
 	if wait <= 0 {
 		return nil, protocol.Errorf(protocol.CodeTimeout, "no time left to ping the sandbox")
 	}
-	id := s.nextID.Add(1)
-	frame, err := encodeFrame(agentRequest{ID: id, Op: "ping"})
+	conn := s.protocol()
+	if conn == nil {
+		return nil, protocol.Errorf(protocol.CodeSandboxCrashed, "the sandbox is not started")
+	}
+	reply, err := conn.do(ctx, &agentRequest{Op: "ping"}, wait)
 	if err != nil {
 		return nil, err
 	}
-	res, err := s.roundTrip(ctx, id, frame, wait)
-	if err != nil {
-		return nil, err
+	if reply.Error != nil {
+		return nil, reply.Error
 	}
 	var st AgentStatus
-	if err := json.Unmarshal(res.Value, &st); err != nil || !st.Ready {
+	if err := json.Unmarshal(reply.Result, &st); err != nil || !st.Ready {
 		s.end(protocol.Errorf(protocol.CodeSandboxCrashed, "the sandbox broke protocol: bad answer to ping"), true)
 		return nil, fmt.Errorf("%w: bad answer to ping", errViolation)
 	}

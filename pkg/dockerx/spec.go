@@ -4,6 +4,7 @@ import (
 	"strconv"
 
 	"github.com/docker/docker/api/types/container"
+	"github.com/docker/docker/api/types/mount"
 	"github.com/docker/go-units"
 
 	"github.com/isode-run/isode/sandbox"
@@ -18,12 +19,14 @@ const SandboxUser = "10001:10001"
 // the whole hardening of this package is in here. The image supplies node
 // only: its entrypoint, command, user and working directory are replaced,
 // and the agent's source is on node's command line (package sandbox).
-func containerSpec(c *Config, tenant string) (*container.Config, *container.HostConfig) {
-	return spec(c, tenant, sandbox.Args())
+// socketDir, when not "", is the directory of the sandbox's agent socket on
+// the engine's host (agentsock.go): it is mounted into this sandbox alone.
+func containerSpec(c *Config, tenant, socketDir string) (*container.Config, *container.HostConfig) {
+	return spec(c, tenant, socketDir, sandbox.Args())
 }
 
 // spec is containerSpec with node's arguments given.
-func spec(c *Config, tenant string, nodeArgs []string) (*container.Config, *container.HostConfig) {
+func spec(c *Config, tenant, socketDir string, nodeArgs []string) (*container.Config, *container.HostConfig) {
 	labels := map[string]string{LabelApp: AppName, LabelWorker: c.WorkerID}
 	if tenant != "" {
 		labels[LabelTenant] = tenant
@@ -86,6 +89,15 @@ func spec(c *Config, tenant string, nodeArgs []string) (*container.Config, *cont
 				{Name: "core", Soft: 0, Hard: 0}, // an abort must not dump into /tmp
 			},
 		},
+	}
+	if socketDir != "" {
+		cfg.Env = append(cfg.Env, "ISODE_AGENT_SOCKET="+agentSocketMount+"/"+agentSocketName)
+		host.Mounts = []mount.Mount{{
+			Type:     mount.TypeBind,
+			Source:   socketDir,
+			Target:   agentSocketMount,
+			ReadOnly: true,
+		}}
 	}
 	return cfg, host
 }

@@ -1,0 +1,174 @@
+package dockerx
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"syscall"
+	"time"
+)
+
+// The unix-socket transport (Config.AgentSocketDir). Frames on the attach
+// stream go through dockerd and the container's containerd shim both ways,
+// which cost more CPU than the run itself with many busy tenants. With a
+// socket directory the worker listens, for each sandbox, on a socket in a
+// directory of its own that is bind-mounted into that sandbox alone; the
+// agent connects to it at start and the protocol runs over that
+// connection, host to container, with nothing in between. The attach
+// stream stays, for the agent's stderr and as its dead-man switch, and the
+// agent also exits when the socket closes.
+
+// Where the agent finds its socket: the per-sandbox directory is mounted
+// read-only there (connecting needs no write access to the mount).
+const (
+	agentSocketMount = "/run/isode"
+	agentSocketName  = "a"
+	// exitNoSocket is the agent's exit code when it cannot reach its socket
+	// (sandbox/agent.js): the directory is not what the engine sees.
+	exitNoSocket = 76
+)
+
+// maxSocketPath is the longest unix socket path Linux takes (sun_path less
+// its terminating NUL).
+const maxSocketPath = 107
+
+// errSocketUnreachable is why a sandbox failed when its agent could not
+// reach its socket.
+var errSocketUnreachable = errors.New("the agent could not reach its socket: the socket directory is not at the same path on the Docker engine's host")
+
+// openSocketBase makes this Runtime's private directory under dir, where
+// each sandbox gets a directory of its own. Only the engine (root) needs
+// to reach into it: it is the bind mounts' source.
+// dir must be this user's and writable by nobody else: whoever may rename
+// entries in it could swap a sandbox's directory for one of their own.
+func openSocketBase(dir string) (string, error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", fmt.Errorf("agent socket directory: %w", err)
+	}
+	fi, err := os.Lstat(dir)
+	if err != nil {
+		return "", fmt.Errorf("agent socket directory: %w", err)
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !fi.IsDir() || fi.Mode().Perm()&0o022 != 0 || (ok && int(st.Uid) != os.Getuid()) {
+		return "", fmt.Errorf("%w: agent socket directory %s must be a directory of this user's that nobody else may write to", ErrInvalidConfig, dir)
+	}
+	base, err := os.MkdirTemp(dir, "w")
+	if err != nil {
+		return "", fmt.Errorf("agent socket directory: %w", err)
+	}
+	return base, nil
+}
+
+// agentSocket is the listening end of one sandbox's socket.
+type agentSocket struct {
+	dir string // on this machine and, at the same path, on the engine's host
+	ln  *net.UnixListener
+}
+
+// listenAgent makes the socket of sandbox name; nil with the attach
+// transport.
+func (r *Runtime) listenAgent(name string) (*agentSocket, error) {
+	r.mu.Lock()
+	base := r.sockBase
+	r.mu.Unlock()
+	if base == "" {
+		return nil, nil
+	}
+	dir := filepath.Join(base, name)
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("agent socket: %w", err)
+	}
+	// The agent runs as SandboxUser: it must be able to reach the socket
+	// in the directory mounted for it, and connect (write) to it.
+	path := filepath.Join(dir, agentSocketName)
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err == nil {
+		err = errors.Join(os.Chmod(path, 0o666), os.Chmod(dir, 0o711))
+	}
+	if err != nil {
+		if ln != nil {
+			ln.Close()
+		}
+		os.RemoveAll(dir)
+		return nil, fmt.Errorf("agent socket: %w", err)
+	}
+	return &agentSocket{dir: dir, ln: ln}, nil
+}
+
+// hostDir is the directory to mount into the sandbox, "" for none.
+func (a *agentSocket) hostDir() string {
+	if a == nil {
+		return ""
+	}
+	return a.dir
+}
+
+// accept waits for the agent of s to connect, until ctx ends or s dies.
+// The listener takes one connection only: a snippet that later tries to
+// connect finds no socket.
+func (a *agentSocket) accept(ctx context.Context, s *Sandbox) (net.Conn, error) {
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() {
+		select {
+		case <-ctx.Done():
+		case <-s.died:
+		case <-s.done:
+		case <-stop:
+			return
+		}
+		_ = a.ln.SetDeadline(time.Now()) // wakes the Accept below
+	}()
+	c, err := a.ln.AcceptUnix()
+	if err != nil {
+		return nil, fmt.Errorf("waiting for the agent to connect: %w", err)
+	}
+	return c, nil
+}
+
+// close removes the socket and its directory: the connection, once made,
+// needs neither. A directory still mounted somewhere may refuse; Runtime
+// Close removes what is left.
+func (a *agentSocket) close() {
+	_ = a.ln.Close() // unlinks the socket
+	_ = os.Remove(a.dir)
+}
+
+// socketFailed turns a failed wait for the agent's connection into
+// Create's error. An agent that said it cannot reach its socket means the
+// engine sees another directory at that path (a worker in a container
+// without the directory shared at the same path, a remote engine): the
+// Runtime then goes back to the attach transport, logged once, so that
+// the worker serves on, slower.
+func (r *Runtime) socketFailed(s *Sandbox, err error) error {
+	t := time.NewTimer(dieEventWait)
+	defer t.Stop()
+	select {
+	case <-s.died:
+	case <-t.C:
+	}
+	s.mu.Lock()
+	exit := s.exit
+	stderr := lastLine(s.stderr.String(), 300)
+	s.mu.Unlock()
+	if exit == nil || exit.code != exitNoSocket {
+		if stderr != "" {
+			err = fmt.Errorf("%w; agent stderr: %s", err, stderr)
+		}
+		return fmt.Errorf("%w: %w", ErrNotReady, err)
+	}
+	r.mu.Lock()
+	base := r.sockBase
+	r.sockBase = ""
+	r.mu.Unlock()
+	if base != "" {
+		r.log.Warn("the sandboxes cannot reach their sockets: using the attach stream instead (slower); share the socket directory at the same path with the Docker engine's host, or set it to none",
+			"dir", filepath.Dir(base), "agent", stderr)
+		_ = os.RemoveAll(base)
+	}
+	return fmt.Errorf("%w: %w", ErrNotReady, errSocketUnreachable)
+}
