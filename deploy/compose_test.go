@@ -99,7 +99,7 @@ func TestComposeRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatalf("scripts/compose-demo.sh: %v", err)
 	}
-	for _, want := range []string{`"Hello, world!"`, `{"node":"`, "app-b sees: nothing", "refused", "nothing left behind"} {
+	for _, want := range []string{`"Hello, world!"`, `{"node":"`, "app-b sees: nothing", "every sandbox has its socket", "refused", "nothing left behind"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("the output lacks %q", want)
 		}

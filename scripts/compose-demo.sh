@@ -97,6 +97,27 @@ echo "==> submit stats   (as the ops user)"
 submit stats --nats "$ops"
 
 echo
+echo "==> the sandboxes' agents speak over their unix sockets (ISODE_AGENT_SOCKETS)"
+for w in $workers; do
+	ids=$(docker ps -q --filter "label=io.isode.worker=$w")
+	if [[ -z $ids ]]; then
+		echo "worker $w has no sandbox" >&2
+		exit 1
+	fi
+	# shellcheck disable=SC2086
+	if docker inspect --format '{{range .Mounts}}{{.Destination}} {{end}}' $ids | grep -v -q '/run/isode'; then
+		echo "a sandbox of worker $w has no agent socket" >&2
+		exit 1
+	fi
+done
+if compose logs --no-color worker 2>&1 | grep -q 'cannot reach their sockets'; then
+	echo "a worker went back to the attach streams:" >&2
+	compose logs --no-color worker 2>&1 | grep 'cannot reach their sockets' >&2
+	exit 1
+fi
+echo "every sandbox has its socket"
+
+echo
 echo "==> submit stats as application app-a is refused"
 if ! submit stats --nats "$app" 2>&1 | grep -q "no worker answered"; then
 	echo "application app-a could read the workers' stats" >&2

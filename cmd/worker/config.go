@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"net/url"
 	"os"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -53,6 +54,7 @@ type config struct {
 	// Sizes as given, parsed in parse.
 	memory, tmpfs string
 	cpus          float64
+	agentSockets  string // --agent-sockets: auto, none or a directory
 
 	// natsMaxControlLine is the max_control_line of the NATS server; it
 	// moves to Fleet.MaxControlLine once fleet.Config has that field.
@@ -78,6 +80,8 @@ func defaultConfig() config {
 		memory:    "128MiB",
 		tmpfs:     "16MiB",
 		cpus:      1,
+
+		agentSockets: "auto",
 
 		NATSConnectTimeout: 60 * time.Second,
 		ReapInterval:       30 * time.Second,
@@ -248,6 +252,7 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 	fs.str(&c.tmpfs, "tmpfs", "ISODE_TMPFS", "size of each sandbox's /tmp (counts against memory)")
 	fs.int(&c.Docker.WorkerHeapMB, "heap-mb", "ISODE_HEAP_MB", "V8 heap limit of each snippet thread, in MiB")
 	fs.str(&c.Docker.Runtime, "runtime", "ISODE_RUNTIME", "OCI runtime for sandboxes, e.g. runsc (empty: the engine's default)")
+	fs.str(&c.agentSockets, "agent-sockets", "ISODE_AGENT_SOCKETS", "where sandboxes' agents get their unix sockets, which spare each run the trip through dockerd and the container's shim: a directory that the Docker engine's host has at the same path; none: speak over the containers' attach streams; auto: a directory under the temporary directory when the engine is local and this worker does not run in a container, none otherwise")
 
 	fs.dur(&c.Fleet.MaxTimeout, "max-timeout", "ISODE_MAX_TIMEOUT", "cap on a request's run timeout")
 	fs.dur(&c.Fleet.AckWait, "ack-wait", "ISODE_ACK_WAIT", "redelivery delay of a request whose worker went silent")
@@ -300,6 +305,14 @@ func (c *config) finish() error {
 		return fmt.Errorf("%w: --cpus %g is not in (0, 64]", errInvalidConfig, c.cpus)
 	}
 	c.Docker.NanoCPUs = int64(c.cpus * 1e9)
+	switch c.agentSockets {
+	case "none":
+		c.Docker.AgentSocketDir = ""
+	case "auto":
+		c.Docker.AgentSocketDir = autoAgentSockets(os.Getenv("DOCKER_HOST"), fileExists("/.dockerenv"))
+	default:
+		c.Docker.AgentSocketDir = c.agentSockets
+	}
 	c.Docker.WorkerID = c.WorkerID
 	c.Docker.Concurrency = c.Pool.PerSandbox
 	if c.Pool.PerSandbox <= 0 {
@@ -380,4 +393,21 @@ func parseBytes(s string) (int64, error) {
 		return 0, errors.New("want a positive size such as 128MiB")
 	}
 	return n * mult, nil
+}
+
+// autoAgentSockets is the directory of --agent-sockets auto: one under the
+// temporary directory, private to this user, when the engine is reached
+// over a local unix socket (dockerHost is DOCKER_HOST) and the worker does
+// not run in a container; "" (the attach streams) otherwise, since the
+// engine would not see the worker's directory at the same path.
+func autoAgentSockets(dockerHost string, inContainer bool) string {
+	if inContainer || (dockerHost != "" && !strings.HasPrefix(dockerHost, "unix://")) {
+		return ""
+	}
+	return filepath.Join(os.TempDir(), fmt.Sprintf("isode-agents-%d", os.Getuid()))
+}
+
+func fileExists(path string) bool {
+	_, err := os.Stat(path)
+	return err == nil
 }

@@ -32,6 +32,18 @@ func TestParseConfig(t *testing.T) {
 				t.Errorf("NATS defaults: connect timeout %v, max control line %d", c.NATSConnectTimeout, c.natsMaxControlLine)
 			}
 		}},
+		{name: "agent sockets off", args: []string{"--agent-sockets", "none"}, check: func(t *testing.T, c config) {
+			if c.Docker.AgentSocketDir != "" {
+				t.Errorf("--agent-sockets none gave %q", c.Docker.AgentSocketDir)
+			}
+		}},
+		{name: "agent sockets in a directory", env: map[string]string{"ISODE_AGENT_SOCKETS": "/run/isode/agents"}, check: func(t *testing.T, c config) {
+			if c.Docker.AgentSocketDir != "/run/isode/agents" {
+				t.Errorf("ISODE_AGENT_SOCKETS gave %q", c.Docker.AgentSocketDir)
+			}
+		}},
+		{name: "agent sockets relative", args: []string{"--agent-sockets", "run/agents"}, wantErr: "AgentSocketDir"},
+		{name: "agent sockets too deep", args: []string{"--agent-sockets", "/" + strings.Repeat("d", 90)}, wantErr: "AgentSocketDir"},
 		{name: "max pending calls", args: []string{"--max-pending-calls", "7"}, check: func(t *testing.T, c config) {
 			if c.Fleet.MaxPendingCalls != 7 {
 				t.Errorf("max pending calls %d", c.Fleet.MaxPendingCalls)
@@ -145,5 +157,23 @@ func TestDefaultWorkerID(t *testing.T) {
 	}
 	if id := defaultWorkerID(""); !strings.HasPrefix(id, "worker-") {
 		t.Errorf("id without host: %q", id)
+	}
+}
+
+func TestAutoAgentSockets(t *testing.T) {
+	local := autoAgentSockets("", false)
+	if !strings.HasPrefix(local, os.TempDir()+"/isode-agents-") {
+		t.Errorf("local engine, worker on its host: %q, want a directory under %s", local, os.TempDir())
+	}
+	if d := autoAgentSockets("unix:///var/run/docker.sock", false); d != local {
+		t.Errorf("DOCKER_HOST a unix socket: %q, want %q", d, local)
+	}
+	for _, c := range []struct {
+		host        string
+		inContainer bool
+	}{{"tcp://10.0.0.1:2376", false}, {"ssh://me@host", false}, {"", true}} {
+		if d := autoAgentSockets(c.host, c.inContainer); d != "" {
+			t.Errorf("DOCKER_HOST %q, in a container %v: %q, want the attach streams", c.host, c.inContainer, d)
+		}
 	}
 }
