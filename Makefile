@@ -87,10 +87,11 @@ bench-cpu: build sandbox-image
 
 # This tree's worker against BASE's, alternately, in one run:
 #   make bench-compare BASE=edc00cb [ROUNDS=2] [COMPARE_ARGS='--tenants 1 ...']
+#   make bench-compare BASE=HEAD BASE_EXTRA='--agent-sockets none'   (one setting against another)
 BASE ?= main
 COMPARE_ARGS ?= --scenario warm --tenants 50 --concurrency 32 --duration 15s
 bench-compare: sandbox-image
-	BIN=$(BIN) BENCH_WORKER="$(BENCH_WORKER)" ./scripts/bench-compare.sh $(BASE) $(COMPARE_ARGS)
+	BIN=$(BIN) BENCH_WORKER="$(BENCH_WORKER)" BASE_EXTRA="$(BASE_EXTRA)" NEW_EXTRA="$(NEW_EXTRA)" ./scripts/bench-compare.sh $(BASE) $(COMPARE_ARGS)
 
 # The fleet benchmarks: submit bench against 1, 2 and 3 worker processes, and
 # failover time over 10 SIGKILLs (cmd/worker/fleet_bench_test.go).

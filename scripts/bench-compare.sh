@@ -8,6 +8,8 @@
 # its worker built there. BENCH_WORKER holds the worker's flags. Prints one
 # line per measurement and the new/base ratios of each round; OUT names a
 # directory that keeps each measurement's JSON report (side-round.json).
+# BASE_EXTRA and NEW_EXTRA add worker flags to one side only: BASE=HEAD
+# BASE_EXTRA='--agent-sockets none' measures one setting against another.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 base=${1:?usage: scripts/bench-compare.sh BASE [SUBMIT BENCH ARGS...]}
@@ -36,18 +38,23 @@ summary='. as $r | .results[-1] as $w
      ($w.cpu.cpu_per_run_us // 0 | floor),
      ([$w.cpu.components[]? | select(.name == "sandboxes") | .cpu_per_run_us][0] // 0 | floor),
      ([$w.cpu.components[]? | select(.name == "worker") | .cpu_per_run_us][0] // 0 | floor),
+     ([$w.cpu.components[]? | select(.name == "containerd-shim" or .name == "dockerd") | .cpu_per_run_us] | add // 0 | floor),
      ($w.cpu.cores_busy // 0 | . * 100 | floor / 100)] | @tsv'
-printf '%-6s %-5s %8s %9s %9s %12s %13s %10s %6s\n' round side runs/s p50_us p99_us cpu/run_us sandboxes_us worker_us cores
+printf '%-6s %-5s %8s %9s %9s %12s %13s %10s %16s %6s\n' round side runs/s p50_us p99_us cpu/run_us sandboxes_us worker_us dockerd+shims_us cores
 for r in $(seq 1 "$ROUNDS"); do
 	order="base new"
 	[ $((r % 2)) -eq 0 ] && order="new base"
 	for side in $order; do
 		wb=$BIN
-		[ "$side" = base ] && wb=$dir/bin
+		flags="$BENCH_WORKER ${NEW_EXTRA:-}"
+		if [ "$side" = base ]; then
+			wb=$dir/bin
+			flags="$BENCH_WORKER ${BASE_EXTRA:-}"
+		fi
 		# shellcheck disable=SC2086
-		BENCH_CPU=1 WORKER_BIN=$wb BIN=$BIN ./scripts/bench-worker.sh "$BENCH_WORKER" --json --quiet --no-baseline "$@" >"$out/$side-$r.json"
+		BENCH_CPU=1 WORKER_BIN=$wb BIN=$BIN ./scripts/bench-worker.sh "$flags" --json --quiet --no-baseline "$@" >"$out/$side-$r.json"
 		printf '%-6s %-5s ' "$r" "$side"
-		jq -r "$summary" "$out/$side-$r.json" | awk -F'\t' '{printf "%8s %9s %9s %12s %13s %10s %6s\n", $1, $2, $3, $4, $5, $6, $7}'
+		jq -r "$summary" "$out/$side-$r.json" | awk -F'\t' '{printf "%8s %9s %9s %12s %13s %10s %16s %6s\n", $1, $2, $3, $4, $5, $6, $7, $8}'
 	done
 	b=$(jq '.results[-1]' "$out/base-$r.json")
 	n=$(jq '.results[-1]' "$out/new-$r.json")
