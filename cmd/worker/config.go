@@ -252,7 +252,7 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 	fs.str(&c.tmpfs, "tmpfs", "ISODE_TMPFS", "size of each sandbox's /tmp (counts against memory)")
 	fs.int(&c.Docker.WorkerHeapMB, "heap-mb", "ISODE_HEAP_MB", "V8 heap limit of each snippet thread, in MiB")
 	fs.str(&c.Docker.Runtime, "runtime", "ISODE_RUNTIME", "OCI runtime for sandboxes, e.g. runsc (empty: the engine's default)")
-	fs.str(&c.agentSockets, "agent-sockets", "ISODE_AGENT_SOCKETS", "where sandboxes' agents get their unix sockets, which spare each run the trip through dockerd and the container's shim: a directory that the Docker engine's host has at the same path; none: speak over the containers' attach streams; auto: a directory under the temporary directory when the engine is local and this worker does not run in a container, none otherwise")
+	fs.str(&c.agentSockets, "agent-sockets", "ISODE_AGENT_SOCKETS", "where sandboxes' agents get their unix sockets, which spare each run the trip through dockerd and the container's shim: a directory that the Docker engine's host has at the same path; none: speak over the containers' attach streams; auto: a directory under the temporary directory when the engine is reached over a unix socket, none otherwise; a worker whose sandboxes cannot reach their sockets goes back to the attach streams, with a warning")
 
 	fs.dur(&c.Fleet.MaxTimeout, "max-timeout", "ISODE_MAX_TIMEOUT", "cap on a request's run timeout")
 	fs.dur(&c.Fleet.AckWait, "ack-wait", "ISODE_ACK_WAIT", "redelivery delay of a request whose worker went silent")
@@ -309,7 +309,7 @@ func (c *config) finish() error {
 	case "none":
 		c.Docker.AgentSocketDir = ""
 	case "auto":
-		c.Docker.AgentSocketDir = autoAgentSockets(os.Getenv("DOCKER_HOST"), fileExists("/.dockerenv"))
+		c.Docker.AgentSocketDir = autoAgentSockets(os.Getenv("DOCKER_HOST"))
 	default:
 		c.Docker.AgentSocketDir = c.agentSockets
 	}
@@ -397,17 +397,13 @@ func parseBytes(s string) (int64, error) {
 
 // autoAgentSockets is the directory of --agent-sockets auto: one under the
 // temporary directory, private to this user, when the engine is reached
-// over a local unix socket (dockerHost is DOCKER_HOST) and the worker does
-// not run in a container; "" (the attach streams) otherwise, since the
-// engine would not see the worker's directory at the same path.
-func autoAgentSockets(dockerHost string, inContainer bool) string {
-	if inContainer || (dockerHost != "" && !strings.HasPrefix(dockerHost, "unix://")) {
+// over a unix socket (dockerHost is DOCKER_HOST), "" (the attach streams)
+// for a remote engine. A local engine may still not see the directory (a
+// worker in a container without it shared): its first sandbox shows it,
+// and the worker goes back to the attach streams (pkg/dockerx).
+func autoAgentSockets(dockerHost string) string {
+	if dockerHost != "" && !strings.HasPrefix(dockerHost, "unix://") {
 		return ""
 	}
 	return filepath.Join(os.TempDir(), fmt.Sprintf("isode-agents-%d", os.Getuid()))
-}
-
-func fileExists(path string) bool {
-	_, err := os.Stat(path)
-	return err == nil
 }

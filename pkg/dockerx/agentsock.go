@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 )
@@ -35,9 +36,9 @@ const (
 // its terminating NUL).
 const maxSocketPath = 107
 
-// errSocketUnreachable is why a sandbox failed when its agent could not
-// reach its socket.
-var errSocketUnreachable = errors.New("the agent could not reach its socket: the socket directory is not at the same path on the Docker engine's host")
+// errSocketUnreachable is why a create failed when the engine did not
+// mount the socket directory or the agent could not reach its socket.
+var errSocketUnreachable = errors.New("the sandbox could not reach its socket: the socket directory is not at the same path on the Docker engine's host")
 
 // openSocketBase makes this Runtime's private directory under dir, where
 // each sandbox gets a directory of its own. Only the engine (root) needs
@@ -161,14 +162,28 @@ func (r *Runtime) socketFailed(s *Sandbox, err error) error {
 		}
 		return fmt.Errorf("%w: %w", ErrNotReady, err)
 	}
+	return fmt.Errorf("%w: %w", ErrNotReady, r.socketsUnreachable(stderr))
+}
+
+// socketsUnreachable makes the Runtime go back to the attach transport,
+// logged once, and returns errSocketUnreachable (Create then tries again).
+func (r *Runtime) socketsUnreachable(why string) error {
 	r.mu.Lock()
 	base := r.sockBase
 	r.sockBase = ""
 	r.mu.Unlock()
 	if base != "" {
-		r.log.Warn("the sandboxes cannot reach their sockets: using the attach stream instead (slower); share the socket directory at the same path with the Docker engine's host, or set it to none",
-			"dir", filepath.Dir(base), "agent", stderr)
+		r.log.Warn("the sandboxes cannot reach their sockets: using the attach streams instead (slower); share the socket directory at the same path with the Docker engine's host, or set it to none",
+			"dir", filepath.Dir(base), "why", why)
 		_ = os.RemoveAll(base)
 	}
-	return fmt.Errorf("%w: %w", ErrNotReady, errSocketUnreachable)
+	return errSocketUnreachable
+}
+
+// bindSourceMissing reports whether the engine refused a container because
+// a bind mount's source does not exist on its host: it does not see the
+// worker's directory (a worker in a container without it shared, or a
+// remote engine).
+func bindSourceMissing(err error) bool {
+	return strings.Contains(err.Error(), "bind source path does not exist")
 }

@@ -3,6 +3,8 @@ package dockerx_test
 import (
 	"context"
 	"errors"
+	"log/slog"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -330,5 +332,37 @@ func TestRuntimeCloseDuringCreate(t *testing.T) {
 	}
 	if _, err := e.rt.Create(ctx, ""); !errors.Is(err, dockerx.ErrClosed) {
 		t.Fatalf("Create after Close: %v, want ErrClosed", err)
+	}
+}
+
+// TestSocketFallback: when the engine does not see the socket directory
+// (a worker in a container without it shared) or the agent cannot reach
+// its socket, Create still returns a working sandbox, over the attach
+// stream, and so does every later one, with one warning logged.
+func TestSocketFallback(t *testing.T) {
+	for _, c := range []struct {
+		name  string
+		spoil func(dir string)
+		why   string // in the warning
+	}{
+		{"the engine does not see the directory", func(dir string) { os.RemoveAll(dir) }, "bind source path does not exist"},
+		{"the agent cannot reach its socket", func(dir string) { os.Chmod(dir, 0o700) }, "cannot reach the host's socket"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			var logs testenv.SyncBuffer
+			e := newEnv(t, func(cfg *dockerx.Config) {
+				cfg.Logger = slog.New(slog.NewTextHandler(&logs, nil))
+			})
+			dockerx.SetSocketHook(e.rt, c.spoil)
+			for i := range 2 {
+				s := e.create("")
+				if got := mustRun(t, s, `return function (cb) { cb(null, require("fs").existsSync("/run/isode")) }`, ""); got != "false" {
+					t.Fatalf("sandbox %d: the socket directory is mounted (%s), want the attach stream", i, got)
+				}
+			}
+			if n := strings.Count(logs.String(), "cannot reach their sockets"); n != 1 || !strings.Contains(logs.String(), c.why) {
+				t.Fatalf("%d warnings, want 1 saying %q:\n%s", n, c.why, logs.String())
+			}
+		})
 	}
 }

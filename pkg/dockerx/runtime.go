@@ -42,6 +42,9 @@ type Runtime struct {
 	sockBase  string              // this Runtime's directory of agent sockets; "": the attach transport
 
 	nodeArgs []string // node's arguments; nil: sandbox.Args() (tests compare others)
+	// sockHook, when set (tests), is called with a sandbox's socket
+	// directory before its container is created.
+	sockHook func(dir string)
 }
 
 // New connects to the engine and checks that it can run sandboxes as cfg
@@ -178,6 +181,10 @@ func (r *Runtime) Create(ctx context.Context, tenant string) (*Sandbox, error) {
 	defer r.creates.Done()
 
 	s, err := r.create(ctx, name, tenant)
+	if errors.Is(err, errSocketUnreachable) {
+		// The Runtime went back to the attach transport: once more with it.
+		s, err = r.create(ctx, name, tenant)
+	}
 
 	r.mu.Lock()
 	delete(r.creating, name)
@@ -192,6 +199,9 @@ func (r *Runtime) create(ctx context.Context, name, tenant string) (_ *Sandbox, 
 	}
 	if sock != nil {
 		defer sock.close()
+		if r.sockHook != nil {
+			r.sockHook(sock.dir)
+		}
 	}
 	cfg, host := containerSpec(&r.cfg, tenant, sock.hostDir())
 	if r.nodeArgs != nil {
@@ -204,6 +214,9 @@ func (r *Runtime) create(ctx context.Context, name, tenant string) (_ *Sandbox, 
 	cctx, cancel := r.callCtx(context.WithoutCancel(ctx))
 	resp, err := r.cli.ContainerCreate(cctx, cfg, host, nil, nil, name)
 	cancel()
+	if err != nil && sock != nil && bindSourceMissing(err) {
+		return nil, r.socketsUnreachable(err.Error())
+	}
 	if err != nil {
 		// The engine may have made it even though the call failed (a
 		// timeout): remove it by name.
