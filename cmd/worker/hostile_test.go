@@ -434,22 +434,16 @@ func (h *hostile) escapes(t *testing.T) {
 		if h.hostname(t, "esc-stream") != host {
 			t.Errorf("writes to fds 0-4 broke the sandbox")
 		}
-		// The real protocol pipe, found through /proc: the tenant breaks its own sandbox.
+		// The real protocol stream (the agent's socket, or its output pipe
+		// with the attach streams), found through /proc: the tenant breaks
+		// its own sandbox.
 		h.wantErr(t, "esc-stream", `return function (cb) {
-			const fs = require("fs"); const pipes = {};
-			for (const fd of fs.readdirSync("/proc/self/fd")) {
-				let l; try { l = fs.readlinkSync("/proc/self/fd/" + fd) } catch { continue }
-				if (l.startsWith("pipe:") && fd !== "2") (pipes[l] = pipes[l] || []).push(Number(fd));
-			}
-			for (const fds of Object.values(pipes)) {
-				if (fds.length !== 1) continue;
-				const flags = parseInt(fs.readFileSync("/proc/self/fdinfo/" + fds[0], "utf8").match(/flags:\s*(\d+)/)[1], 8);
-				if ((flags & 3) === 1) fs.writeSync(fds[0], '\x00\x00\x00\x2a{"id":987654,"result":"forged","console":""}');
-			}
+			`+testenv.PipesJS+`
+			require("fs").writeSync(pipes().out, '\x00\x00\x00\x2a{"id":987654,"result":"forged","console":""}');
 			setTimeout(() => cb(null, "not noticed"), 3000);
 		}`, 5*time.Second, protocol.CodeSandboxCrashed, "broke protocol")
 		h.mustRun(t, "esc-stream", trivial)
-		return outcome{outcome: "fds 0-4 harmless; the real pipe found via /proc breaks only the tenant's own sandbox", code: protocol.CodeSandboxCrashed}
+		return outcome{outcome: "fds 0-4 harmless; the real protocol stream found via /proc breaks only the tenant's own sandbox", code: protocol.CodeSandboxCrashed}
 	})
 	h.scenario(t, "escape: take over the agent with the inspector", func(t *testing.T) outcome {
 		start := time.Now()
