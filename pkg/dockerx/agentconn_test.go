@@ -36,7 +36,7 @@ type agentProc struct {
 	broken []*protocol.Error
 }
 
-func startAgent(t *testing.T, viaSocket bool) *agentProc {
+func startAgent(t testing.TB, viaSocket bool) *agentProc {
 	t.Helper()
 	node := testenv.Node(t)
 	p := &agentProc{stderr: &testenv.SyncBuffer{}, read: make(chan error, 1), exited: make(chan struct{})}
@@ -102,7 +102,7 @@ func (p *agentProc) run(ctx context.Context, code string, timeout time.Duration)
 	return p.conn.do(ctx, &agentRequest{Op: "run", Code: code, TimeoutMs: timeout.Milliseconds()}, timeout+2*time.Second)
 }
 
-func (p *agentProc) waitExit(t *testing.T, why string) {
+func (p *agentProc) waitExit(t testing.TB, why string) {
 	t.Helper()
 	select {
 	case <-p.exited:
@@ -263,4 +263,50 @@ func TestSocketBaseRefusesSharedDirectory(t *testing.T) {
 	if fi, err := os.Stat(base); err != nil || fi.Mode().Perm() != 0o700 {
 		t.Fatalf("the worker's own directory: %v %v, want mode 0700", fi.Mode(), err)
 	}
+}
+
+// BenchmarkAgentConn: warm runs, one at a time, through the real agent run
+// by the host's node, without Docker, over each transport; it reports the
+// agent process's CPU per run (user+system, from /proc).
+//
+//	go test -run '^$' -bench AgentConn -benchtime 5000x ./pkg/dockerx/
+func BenchmarkAgentConn(b *testing.B) {
+	for _, tr := range []struct {
+		name   string
+		socket bool
+	}{{"stdio", false}, {"socket", true}} {
+		b.Run(tr.name, func(b *testing.B) {
+			p := startAgent(b, tr.socket)
+			ctx := context.Background()
+			code := `return function (ctx, cb) { cb(null, ctx.data) }`
+			for range 200 { // warm: compiled, JIT-ed
+				if _, err := p.conn.do(ctx, &agentRequest{Op: "run", Code: code, Input: []byte(`{"n":1}`), TimeoutMs: 5000}, 10*time.Second); err != nil {
+					b.Fatal(err)
+				}
+			}
+			cpu0 := procCPU(b, p.cmd.Process.Pid)
+			b.ResetTimer()
+			for range b.N {
+				r, err := p.conn.do(ctx, &agentRequest{Op: "run", Code: code, Input: []byte(`{"n":1}`), TimeoutMs: 5000}, 10*time.Second)
+				if err != nil || r.Error != nil {
+					b.Fatal(err, r.Error)
+				}
+			}
+			b.StopTimer()
+			b.ReportMetric(float64((procCPU(b, p.cmd.Process.Pid)-cpu0).Microseconds())/float64(b.N), "agent-cpu-us/run")
+		})
+	}
+}
+
+// procCPU is a process's user and system CPU time so far.
+func procCPU(tb testing.TB, pid int) time.Duration {
+	tb.Helper()
+	data, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	f := strings.Fields(string(data[strings.LastIndexByte(string(data), ')')+2:]))
+	utime, _ := strconv.ParseInt(f[11], 10, 64)
+	stime, _ := strconv.ParseInt(f[12], 10, 64)
+	return time.Duration(utime+stime) * 10 * time.Millisecond // USER_HZ is 100 on Linux
 }

@@ -94,6 +94,16 @@ type Config struct {
 	// runs over the container's attach stream.
 	AgentSocketDir string
 
+	// ShareNode mounts, read-only, a volume holding a copy of the image's
+	// node directory over that directory in every sandbox, so that all
+	// sandboxes run node's code from one file whose pages they share
+	// (nodevolume.go); with a storage driver that keeps each container's
+	// files apart in memory (fuse-overlayfs, vfs) this saves each busy
+	// sandbox from running a private, cold copy. Without it the image's own
+	// files are used. A failure to set the volume up is logged and the
+	// image's files are used.
+	ShareNode bool
+
 	// CallTimeout bounds every single Docker API call.
 	CallTimeout time.Duration
 	// CreateTimeout bounds Create when its context has no deadline.
@@ -137,6 +147,7 @@ func DefaultConfig() Config {
 		NoFile:          256,
 		TmpfsSize:       16 * MiB,
 		Concurrency:     4,
+		ShareNode:       true,
 		WorkerHeapMB:    64,
 		CallTimeout:     10 * time.Second,
 		CreateTimeout:   30 * time.Second,

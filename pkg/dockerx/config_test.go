@@ -61,7 +61,7 @@ func TestDefaultConfigWorkerIDsDiffer(t *testing.T) {
 func TestContainerSpecIsHardened(t *testing.T) {
 	c := DefaultConfig()
 	c.Runtime = "runsc"
-	cfg, host := containerSpec(&c, "acme", "")
+	cfg, host := containerSpec(&c, "acme", "", nil)
 	checks := []struct {
 		name string
 		ok   bool
@@ -91,14 +91,14 @@ func TestContainerSpecIsHardened(t *testing.T) {
 			t.Errorf("%s: not as required", ch.name)
 		}
 	}
-	if cfg, _ := containerSpec(&c, "", ""); cfg.Labels[LabelTenant] != "" {
+	if cfg, _ := containerSpec(&c, "", "", nil); cfg.Labels[LabelTenant] != "" {
 		t.Errorf("a free sandbox has a tenant label")
 	}
 	if _, ok := cfg.Labels[LabelFleet]; ok {
 		t.Errorf("a sandbox of a runtime with no Fleet has a fleet label")
 	}
 	c.Fleet = "prod"
-	if cfg, _ := containerSpec(&c, "", ""); cfg.Labels[LabelFleet] != "prod" {
+	if cfg, _ := containerSpec(&c, "", "", nil); cfg.Labels[LabelFleet] != "prod" {
 		t.Errorf("fleet label %q, want %q", cfg.Labels[LabelFleet], "prod")
 	}
 }

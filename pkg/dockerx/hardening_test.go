@@ -70,13 +70,16 @@ func TestHardeningFromInside(t *testing.T) {
 		t.Fatal(err)
 	}
 	hc := info.HostConfig
-	// The one mount is the agent's socket directory, read-only.
+	// The mounts are the agent's socket directory and the shared node's
+	// volume (over the image's /usr/bin), both read-only.
 	for _, m := range info.Mounts {
-		if m.Destination != "/run/isode" || m.RW || string(m.Type) != "bind" || !strings.HasPrefix(m.Source, e.cfg.AgentSocketDir+"/") {
-			t.Errorf("mount %+v: want only the agent socket's directory, read-only", m)
+		socket := m.Destination == "/run/isode" && string(m.Type) == "bind" && strings.HasPrefix(m.Source, e.cfg.AgentSocketDir+"/")
+		node := m.Destination == "/usr/bin" && string(m.Type) == "volume" && strings.HasPrefix(m.Name, "isode-node-")
+		if m.RW || !socket && !node {
+			t.Errorf("mount %+v: want only the agent socket's directory and the shared node, read-only", m)
 		}
 	}
-	if len(info.Mounts) != 1 || hc.Privileged || string(hc.NetworkMode) != "none" || !hc.ReadonlyRootfs || hc.PidsLimit == nil || *hc.PidsLimit != e.cfg.PidsLimit || hc.LogConfig.Type != "none" {
+	if len(info.Mounts) != 2 || hc.Privileged || string(hc.NetworkMode) != "none" || !hc.ReadonlyRootfs || hc.PidsLimit == nil || *hc.PidsLimit != e.cfg.PidsLimit || hc.LogConfig.Type != "none" {
 		t.Errorf("container is not hardened as configured: mounts %v, host config %+v", info.Mounts, hc)
 	}
 	for _, opt := range hc.SecurityOpt {

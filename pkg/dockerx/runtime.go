@@ -40,6 +40,7 @@ type Runtime struct {
 	creating  map[string]bool     // names of containers being created
 	reaping   bool                // StartReaper has started the reaper
 	sockBase  string              // this Runtime's directory of agent sockets; "": the attach transport
+	nodeVol   *nodeVolume         // the shared node (Config.ShareNode); nil: the image's own
 
 	nodeArgs []string // node's arguments; nil: sandbox.Args() (tests compare others)
 	// sockHook, when set (tests), is called with a sandbox's socket
@@ -84,6 +85,11 @@ func New(ctx context.Context, cfg Config) (*Runtime, error) {
 		r.cancel()
 		cli.Close()
 		return nil, err
+	}
+	if cfg.ShareNode {
+		if r.nodeVol, err = r.openNodeVolume(ctx); err != nil {
+			r.log.Warn("sandboxes run the image's own node files, unshared", "err", err)
+		}
 	}
 	if cfg.AgentSocketDir != "" {
 		if r.sockBase, err = openSocketBase(cfg.AgentSocketDir); err != nil {
@@ -203,7 +209,7 @@ func (r *Runtime) create(ctx context.Context, name, tenant string) (_ *Sandbox, 
 			r.sockHook(sock.dir)
 		}
 	}
-	cfg, host := containerSpec(&r.cfg, tenant, sock.hostDir())
+	cfg, host := containerSpec(&r.cfg, tenant, sock.hostDir(), r.nodeVol)
 	if r.nodeArgs != nil {
 		cfg.Cmd = r.nodeArgs
 	}
@@ -406,6 +412,9 @@ func (r *Runtime) Close(ctx context.Context) error {
 	r.wg.Wait()
 	if base != "" {
 		errs = append(errs, os.RemoveAll(base))
+	}
+	if r.nodeVol != nil {
+		r.closeNodeVolume(ctx, r.nodeVol)
 	}
 	return errors.Join(append(errs, r.cli.Close())...)
 }

@@ -21,12 +21,14 @@ const SandboxUser = "10001:10001"
 // and the agent's source is on node's command line (package sandbox).
 // socketDir, when not "", is the directory of the sandbox's agent socket on
 // the engine's host (agentsock.go): it is mounted into this sandbox alone.
-func containerSpec(c *Config, tenant, socketDir string) (*container.Config, *container.HostConfig) {
-	return spec(c, tenant, socketDir, sandbox.Args())
+// shared, when not nil, is the volume of the image's node directory,
+// mounted read-only over it (nodevolume.go).
+func containerSpec(c *Config, tenant, socketDir string, shared *nodeVolume) (*container.Config, *container.HostConfig) {
+	return spec(c, tenant, socketDir, shared, sandbox.Args())
 }
 
 // spec is containerSpec with node's arguments given.
-func spec(c *Config, tenant, socketDir string, nodeArgs []string) (*container.Config, *container.HostConfig) {
+func spec(c *Config, tenant, socketDir string, shared *nodeVolume, nodeArgs []string) (*container.Config, *container.HostConfig) {
 	labels := map[string]string{LabelApp: AppName, LabelWorker: c.WorkerID}
 	if tenant != "" {
 		labels[LabelTenant] = tenant
@@ -92,12 +94,15 @@ func spec(c *Config, tenant, socketDir string, nodeArgs []string) (*container.Co
 	}
 	if socketDir != "" {
 		cfg.Env = append(cfg.Env, "ISODE_AGENT_SOCKET="+agentSocketMount+"/"+agentSocketName)
-		host.Mounts = []mount.Mount{{
+		host.Mounts = append(host.Mounts, mount.Mount{
 			Type:     mount.TypeBind,
 			Source:   socketDir,
 			Target:   agentSocketMount,
 			ReadOnly: true,
-		}}
+		})
+	}
+	if shared != nil {
+		host.Mounts = append(host.Mounts, shared.mount())
 	}
 	return cfg, host
 }

@@ -1,0 +1,132 @@
+package dockerx
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"path"
+	"strings"
+
+	cerrdefs "github.com/containerd/errdefs"
+	"github.com/docker/docker/api/types/container"
+	"github.com/docker/docker/api/types/mount"
+	"github.com/docker/docker/api/types/volume"
+)
+
+// The shared node (Config.ShareNode). A storage driver that gives every
+// container its own copy of the image's files in memory (fuse-overlayfs,
+// vfs; overlay2 does not) makes each sandbox load node's code, some 15 MiB
+// of it touched, privately: with tens of busy tenants every run then finds
+// its process's code cold in the CPU's caches, which cost about a fifth of
+// the sandboxes' CPU at 50 busy tenants on such an engine. So the
+// directory that holds node in the image is copied once into a named
+// volume (Docker copies an image's content into an empty volume mounted
+// over it), and every sandbox mounts that volume, read-only, over the
+// directory: the same bytes as the image's, from one file, whose pages all
+// sandboxes share. The volume is named after the image's id, so a new image
+// gets a new one.
+
+// nodeVolume is the volume of the image's node directory and where it is
+// mounted.
+type nodeVolume struct {
+	name string // isode-node-<image id>
+	dir  string // the directory in the image that holds node
+}
+
+func (v *nodeVolume) mount() mount.Mount {
+	return mount.Mount{Type: mount.TypeVolume, Source: v.name, Target: v.dir, ReadOnly: true}
+}
+
+// openNodeVolume finds node's directory in the image, makes the volume and
+// fills it by creating (not starting) one container that mounts it. On
+// failure it leaves no volume behind.
+func (r *Runtime) openNodeVolume(ctx context.Context) (_ *nodeVolume, err error) {
+	cctx, cancel := r.callCtx(ctx)
+	defer cancel()
+	img, err := r.cli.ImageInspect(cctx, r.cfg.Image)
+	if err != nil {
+		return nil, fmt.Errorf("inspect image %s: %w", r.cfg.Image, err)
+	}
+	id := strings.TrimPrefix(img.ID, "sha256:")
+	if len(id) > 16 {
+		id = id[:16]
+	}
+	v := &nodeVolume{name: "isode-node-" + id}
+	if _, err := r.cli.VolumeCreate(cctx, volume.CreateOptions{Name: v.name, Labels: map[string]string{LabelApp: AppName}}); err != nil {
+		return nil, fmt.Errorf("create volume %s: %w", v.name, err)
+	}
+	defer func() {
+		if err != nil {
+			r.closeNodeVolume(ctx, v)
+		}
+	}()
+
+	// A container of the image, never started, to look into it and to
+	// fill the volume.
+	probe := func(mounts []mount.Mount) (string, error) {
+		resp, err := r.cli.ContainerCreate(cctx, &container.Config{Image: r.cfg.Image, Entrypoint: []string{r.cfg.Node}, Labels: map[string]string{LabelApp: AppName, LabelWorker: r.cfg.WorkerID}},
+			&container.HostConfig{NetworkMode: "none", Mounts: mounts}, nil, nil, "isode-probe-"+randomHex(8))
+		if err != nil {
+			return "", err
+		}
+		return resp.ID, nil
+	}
+	pid, err := probe(nil)
+	if err != nil {
+		return nil, fmt.Errorf("look into image %s: %w", r.cfg.Image, err)
+	}
+	v.dir, err = r.nodeDir(cctx, pid, img.Config.Env)
+	if rerr := r.remove(ctx, pid); rerr != nil {
+		err = errors.Join(err, rerr)
+	}
+	if err != nil {
+		return nil, err
+	}
+	fid, err := probe([]mount.Mount{v.mount()})
+	if err != nil {
+		return nil, fmt.Errorf("fill volume %s: %w", v.name, err)
+	}
+	if err := r.remove(ctx, fid); err != nil {
+		return nil, err
+	}
+	return v, nil
+}
+
+// nodeDir returns the directory of the node binary in the created
+// container id: Config.Node's when it is absolute, else the first
+// directory of the image's PATH that has it.
+func (r *Runtime) nodeDir(ctx context.Context, id string, env []string) (string, error) {
+	if path.IsAbs(r.cfg.Node) {
+		return path.Dir(r.cfg.Node), nil
+	}
+	dirs := "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+	for _, e := range env {
+		if p, ok := strings.CutPrefix(e, "PATH="); ok {
+			dirs = p
+		}
+	}
+	for _, d := range strings.Split(dirs, ":") {
+		if !path.IsAbs(d) {
+			continue
+		}
+		st, err := r.cli.ContainerStatPath(ctx, id, path.Join(d, r.cfg.Node))
+		if err == nil && !st.Mode.IsDir() {
+			return path.Clean(d), nil
+		}
+		if err != nil && !cerrdefs.IsNotFound(err) {
+			return "", fmt.Errorf("look for %s in image %s: %w", r.cfg.Node, r.cfg.Image, err)
+		}
+	}
+	return "", fmt.Errorf("image %s has no %s on its PATH (%s)", r.cfg.Image, r.cfg.Node, dirs)
+}
+
+// closeNodeVolume removes the volume unless a container still uses it
+// (another worker's sandboxes on this engine): the next Runtime fills it
+// again.
+func (r *Runtime) closeNodeVolume(ctx context.Context, v *nodeVolume) {
+	cctx, cancel := r.callCtx(context.WithoutCancel(ctx))
+	defer cancel()
+	if err := r.cli.VolumeRemove(cctx, v.name, false); err != nil && !cerrdefs.IsNotFound(err) && !cerrdefs.IsConflict(err) {
+		r.log.Warn("remove the shared node volume", "volume", v.name, "err", err)
+	}
+}
