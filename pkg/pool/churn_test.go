@@ -1,0 +1,179 @@
+package pool
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/isode-run/isode/pkg/protocol"
+)
+
+// simRuntime models an engine on a small machine: making and removing a
+// sandbox each take CPU, out of cores shared by all of them, so that
+// creations under way at once slow each other down, as containers do on a
+// 2-core machine.
+type simRuntime struct {
+	cores     chan struct{}
+	createCPU time.Duration // CPU of one creation
+	closeCPU  time.Duration // CPU of one removal
+	latency   time.Duration // wall time of a creation beyond its CPU
+
+	mu      sync.Mutex
+	created int
+	live    int
+	maxLive int
+}
+
+func newSimRuntime(cores int, createCPU, closeCPU time.Duration) *simRuntime {
+	return &simRuntime{cores: make(chan struct{}, cores), createCPU: createCPU, closeCPU: closeCPU}
+}
+
+// burn spends d of CPU in slices, taking turns on the cores.
+func (r *simRuntime) burn(d time.Duration) {
+	const slice = 2 * time.Millisecond
+	for d > 0 {
+		s := min(d, slice)
+		r.cores <- struct{}{}
+		time.Sleep(s)
+		<-r.cores
+		d -= s
+	}
+}
+
+func (r *simRuntime) Create(ctx context.Context, tenant string) (Sandbox, error) {
+	time.Sleep(r.latency)
+	r.burn(r.createCPU)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.created++
+	r.live++
+	r.maxLive = max(r.maxLive, r.live)
+	return &simSandbox{rt: r, id: fmt.Sprintf("sim%d", r.created), tenant: tenant, done: make(chan struct{})}, nil
+}
+
+type simSandbox struct {
+	rt     *simRuntime
+	id     string
+	mu     sync.Mutex
+	tenant string
+	closed bool
+	done   chan struct{}
+}
+
+func (s *simSandbox) ID() string { return s.id }
+func (s *simSandbox) Run(ctx context.Context, req *protocol.Request) (*protocol.Result, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil, protocol.Errorf(protocol.CodeSandboxCrashed, "closed")
+	}
+	if s.tenant != req.IsolateKey {
+		return nil, fmt.Errorf("sandbox of %q ran %q", s.tenant, req.IsolateKey)
+	}
+	return &protocol.Result{}, nil
+}
+func (s *simSandbox) Assign(tenant string) {
+	s.mu.Lock()
+	s.tenant = tenant
+	s.mu.Unlock()
+}
+func (s *simSandbox) Close(ctx context.Context) error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	s.mu.Unlock()
+	s.rt.burn(s.rt.closeCPU)
+	s.rt.mu.Lock()
+	s.rt.live--
+	s.rt.mu.Unlock()
+	close(s.done)
+	return nil
+}
+func (s *simSandbox) Done() <-chan struct{} { return s.done }
+func (s *simSandbox) Err() error            { return nil }
+
+// churnResult is what a churn simulation measured.
+type churnResult struct {
+	runs, errs int
+	secs       float64
+	stats      Stats
+	created    int
+}
+
+func (r churnResult) String() string {
+	return fmt.Sprintf("%.0f runs/s (%d runs, %d errors), %.1f creations/s, %.2f runs per creation, hits %d, evictions %d, preemptions %d",
+		float64(r.runs)/r.secs, r.runs, r.errs, float64(r.created)/r.secs, float64(r.runs)/float64(max(1, r.created)),
+		r.stats.Hits, r.stats.Evictions, r.stats.Preemptions)
+}
+
+// simulateChurn runs callers closed-loop callers over tenants in turn
+// (request i is for tenant i mod tenants, as `submit bench --scenario
+// churn` does) for d, against a pool of rt configured by cfg.
+func simulateChurn(t testing.TB, rt *simRuntime, cfg Config, tenants, callers int, d time.Duration) churnResult {
+	t.Helper()
+	p, err := New(rt, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := p.Close(ctx); err != nil {
+			t.Error(err)
+		}
+	}()
+	var next, runs, errs atomic.Int64
+	start := time.Now()
+	stop := start.Add(d)
+	var wg sync.WaitGroup
+	for range callers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for time.Now().Before(stop) {
+				i := next.Add(1) - 1
+				if _, err := p.Run(context.Background(), req(fmt.Sprintf("t%d", i%int64(tenants)))); err != nil {
+					errs.Add(1)
+					continue
+				}
+				runs.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	secs := time.Since(start).Seconds()
+	rt.mu.Lock()
+	created := rt.created
+	rt.mu.Unlock()
+	return churnResult{runs: int(runs.Load()), errs: int(errs.Load()), secs: secs, stats: p.Stats(), created: created}
+}
+
+// churnConfig is the worker's configuration of the churn benchmark
+// (--low 4 --high 16), scaled.
+func churnConfig() Config {
+	c := DefaultConfig()
+	c.Low, c.High = 4, 16
+	c.RefillDelay = 100 * time.Millisecond
+	return c
+}
+
+// BenchmarkChurn simulates `submit bench --scenario churn --tenants 60
+// --concurrency 32` against a worker with --low 4 --high 16 on a 2-core
+// machine where a creation costs 40 ms of CPU and a removal 10 ms (a
+// tenth of what a container costs there).
+func BenchmarkChurn(b *testing.B) {
+	for b.Loop() {
+		rt := newSimRuntime(2, 40*time.Millisecond, 10*time.Millisecond)
+		rt.latency = 5 * time.Millisecond
+		r := simulateChurn(b, rt, churnConfig(), 60, 32, 3*time.Second)
+		b.Log(r)
+		b.ReportMetric(float64(r.runs)/r.secs, "runs/s")
+		b.ReportMetric(float64(r.created)/r.secs, "creations/s")
+	}
+}
