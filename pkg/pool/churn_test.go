@@ -177,3 +177,61 @@ func BenchmarkChurn(b *testing.B) {
 		b.ReportMetric(float64(r.created)/r.secs, "creations/s")
 	}
 }
+
+// blockCreate returns a create hook that blocks the creations of tenant
+// until the returned func is called.
+func blockCreate(tenant string) (hook func(ctx context.Context, tn string) error, release func()) {
+	ch := make(chan struct{})
+	var once sync.Once
+	return func(ctx context.Context, tn string) error {
+			if tn != tenant {
+				return nil
+			}
+			select {
+			case <-ch:
+				return nil
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}, func() {
+			once.Do(func() { close(ch) })
+		}
+}
+
+// An idle sandbox is evicted only when the creation that replaces it can
+// start: while CreateConcurrency creations are under way, it goes on
+// serving its tenant (a hit) instead of being removed early for a
+// creation that would have to wait anyway.
+func TestEvictionWaitsForACreationSlot(t *testing.T) {
+	hook, release := blockCreate("c")
+	defer release()
+	rt := &fakeRuntime{create: hook}
+	cfg := testConfig()
+	cfg.High, cfg.CreateConcurrency = 2, 1
+	p := newPool(t, rt, cfg)
+	ctx := context.Background()
+	for _, tenant := range []string{"a", "b"} {
+		if _, err := p.Run(ctx, req(tenant)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rc := goRun(ctx, p, "c", "c0") // evicts a; its creation hangs
+	waitFor(t, "c's creation", func() bool { return rt.Calls() == 3 })
+	rd := goRun(ctx, p, "d", "d0")
+	s := waitStats(t, p, "d to wait", func(s Stats) bool { return s.Queued == 2 })
+	if s.Evictions != 1 {
+		t.Fatalf("%d evictions while c's creation holds the only creation slot, want 1 (b's sandbox kept until d's creation can start); stats %+v", s.Evictions, s)
+	}
+	if _, err := p.Run(ctx, req("b")); err != nil {
+		t.Fatal(err)
+	}
+	if s := p.Stats(); s.Hits != 1 {
+		t.Fatalf("b's run while d waited: %d hits, want 1 (b's sandbox still there); stats %+v", s.Hits, s)
+	}
+	release()
+	for _, ch := range []<-chan result{rc, rd} {
+		if r := <-ch; r.err != nil {
+			t.Fatal(r.err)
+		}
+	}
+}

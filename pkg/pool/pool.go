@@ -18,8 +18,9 @@
 //  3. a free sandbox is ready: assign it to the tenant (a pool hit);
 //  4. fewer than High sandboxes: create one for the tenant (a cold start);
 //     every request of the tenant waits on that one creation;
-//  5. evict the least recently used sandbox that has nothing in flight and
-//     create one for the tenant in its place;
+//  5. evict a sandbox that has nothing in flight and create one for the
+//     tenant in its place, once fewer than CreateConcurrency creations are
+//     under way (until then the sandbox goes on serving its own tenant);
 //  6. wait in the queue.
 //
 // # Queue and fairness
@@ -537,6 +538,11 @@ func (p *Pool) provide(t *tenant, reserved *int) provision {
 	// Sandboxes t may take (fair.go), worked out once for both ways.
 	may := p.victims(t)
 	if v := p.lruIdle(may); v != nil {
+		if p.creating >= p.cfg.CreateConcurrency {
+			// Its replacement could not start yet: v keeps serving its
+			// tenant until a creation ends (created or abandon dispatch).
+			return noCapacity
+		}
 		p.stats.Evictions++
 		p.log.Debug().Str("sandbox", v.sb.ID()).Str("tenant", v.tenant.key).Str("for", t.key).Msg("evict least recently used sandbox")
 		p.retire(v, false)
