@@ -3,6 +3,7 @@ package pool
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -233,5 +234,53 @@ func TestEvictionWaitsForACreationSlot(t *testing.T) {
 		if r := <-ch; r.err != nil {
 			t.Fatal(r.err)
 		}
+	}
+}
+
+// A sandbox whose tenant came back while it was resident (a hit) is kept
+// over one that served only the request it was made for, even when the
+// latter was used more recently.
+func TestEvictionKeepsSandboxesWithHits(t *testing.T) {
+	rt := &fakeRuntime{}
+	cfg := testConfig()
+	cfg.High = 2
+	p := newPool(t, rt, cfg)
+	for _, tenant := range []string{"a", "a", "b", "c"} {
+		if _, err := p.Run(context.Background(), req(tenant)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := rt.Closed(); !slices.Equal(got, []string{"b"}) {
+		t.Fatalf("evicted %q, want b's sandbox (a's had a hit)", got)
+	}
+}
+
+// While several tenants wait for a sandbox, an eviction takes the most
+// recently used sandbox without a hit, not the least recently used one:
+// tenants taking turns (more of them than High) then find the older
+// sandboxes still there when their turn comes back.
+func TestEvictionUnderOverloadTakesNewest(t *testing.T) {
+	hook, release := blockCreate("x")
+	defer release()
+	rt := &fakeRuntime{create: hook}
+	cfg := testConfig()
+	cfg.High, cfg.CreateConcurrency = 3, 1
+	p := newPool(t, rt, cfg)
+	ctx := context.Background()
+	for _, tenant := range []string{"a", "b"} {
+		if _, err := p.Run(ctx, req(tenant)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rx := goRun(ctx, p, "x", "x0") // the third sandbox, its creation hangs
+	waitFor(t, "x's creation", func() bool { return rt.Calls() == 3 })
+	chs := append([]<-chan result{rx}, enqueue(t, p, "c0", "d0")...)
+	if s := p.Stats(); s.Evictions != 0 {
+		t.Fatalf("evicted while the only creation slot was taken; stats %+v", s)
+	}
+	release() // then c and d wait together: c takes b's sandbox, d a's
+	collect(t, chs)
+	if got := rt.Closed(); len(got) != 2 || got[0] != "b" {
+		t.Fatalf("evicted %q, want b's sandbox first (the newest; a's is older)", got)
 	}
 }

@@ -23,6 +23,18 @@
 //     under way (until then the sandbox goes on serving its own tenant);
 //  6. wait in the queue.
 //
+// # Eviction
+//
+// An eviction takes, of the idle sandboxes, first those that served only
+// the requests they were made for, then those whose tenant came back while
+// they were resident (a hit), each kind least recently used first. While
+// other tenants wait for a sandbox behind the one being served, though, it
+// takes the most recently used sandbox without a hit: more tenants are
+// active than there are sandboxes, and tenants that take turns would
+// otherwise each find their sandbox evicted just before their turn comes
+// back (LRU's worst case: every creation serves one request). Taking the
+// newest keeps the older sandboxes resident until their tenants return.
+//
 // # Queue and fairness
 //
 // Waiting requests sit in per-tenant FIFO lists, bounded in total by
@@ -126,6 +138,7 @@ type entry struct {
 	assigned time.Time // when its tenant got it
 	inflight int
 	runs     int
+	hits     int           // runs granted while it was its tenant's sandbox already (grantHit)
 	draining bool          // takes no new run; removed when its runs finish
 	evicting bool          // draining for another tenant (preempted)
 	retired  bool          // removed from the pool; Close under way or done
@@ -413,6 +426,7 @@ func (p *Pool) take(e *entry, kind grantKind) {
 	p.inflight++
 	switch kind {
 	case grantHit:
+		e.hits++
 		p.stats.Hits++
 	case grantPoolHit:
 		p.stats.PoolHits++
@@ -537,14 +551,14 @@ func (p *Pool) provide(t *tenant, reserved *int) provision {
 	}
 	// Sandboxes t may take (fair.go), worked out once for both ways.
 	may := p.victims(t)
-	if v := p.lruIdle(may); v != nil {
+	if v := p.idleVictim(may); v != nil {
 		if p.creating >= p.cfg.CreateConcurrency {
 			// Its replacement could not start yet: v keeps serving its
 			// tenant until a creation ends (created or abandon dispatch).
 			return noCapacity
 		}
 		p.stats.Evictions++
-		p.log.Debug().Str("sandbox", v.sb.ID()).Str("tenant", v.tenant.key).Str("for", t.key).Msg("evict least recently used sandbox")
+		p.log.Debug().Str("sandbox", v.sb.ID()).Str("tenant", v.tenant.key).Str("for", t.key).Msg("evict idle sandbox")
 		p.retire(v, false)
 		p.startCreation(t, v)
 		return provided
@@ -584,15 +598,43 @@ func (p *Pool) quantum() time.Duration {
 	return 4 * p.avgCreate
 }
 
-// lruIdle returns the least recently used tenant sandbox with nothing in
-// flight that may allows (victims), or nil.
-func (p *Pool) lruIdle(may func(*entry) bool) *entry {
+// idleVictim returns the tenant sandbox with nothing in flight, of those
+// may allows (victims), that an eviction takes, or nil. Sandboxes whose
+// tenant came back while they were resident (a hit) are kept over those
+// that served only the requests they were made for; among each kind the
+// least recently used goes first, except that while other tenants wait
+// behind the one being served (more tenants want a sandbox than there
+// are), the most recently used sandbox without a hit goes first.
+//
+// The exception is what lets a pool with more active tenants than High
+// serve any hit at all: tenants that take turns (a cycle longer than High)
+// find under LRU that every sandbox was evicted just before their turn
+// came back, so that each sandbox serves one request, while taking the
+// newest keeps the older ones resident until their tenants return.
+func (p *Pool) idleVictim(may func(*entry) bool) *entry {
+	var proven *entry
+	if p.needy.Len() > 1 {
+		for el := p.lru.Back(); el != nil; el = el.Prev() {
+			if e := el.Value.(*entry); e.inflight == 0 && may(e) {
+				if e.hits == 0 {
+					return e
+				}
+				proven = e // the least recently used one, in the end
+			}
+		}
+		return proven
+	}
 	for el := p.lru.Front(); el != nil; el = el.Next() {
 		if e := el.Value.(*entry); e.inflight == 0 && may(e) {
-			return e
+			if e.hits == 0 {
+				return e
+			}
+			if proven == nil {
+				proven = e
+			}
 		}
 	}
-	return nil
+	return proven
 }
 
 // popFree takes the oldest free sandbox that is still alive, or nil.
