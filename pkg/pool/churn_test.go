@@ -237,6 +237,62 @@ func TestEvictionWaitsForACreationSlot(t *testing.T) {
 	}
 }
 
+// Creations that still remove the sandbox they evicted do not hold back
+// other evictions beyond CreateConcurrency of them: a slow removal
+// overlaps with the next creation instead of leaving the engine idle.
+func TestEvictionOverlapsRemovals(t *testing.T) {
+	hook, release := blockCreate("c")
+	defer release()
+	slowClose := make(chan struct{})
+	defer func() {
+		select {
+		case <-slowClose:
+		default:
+			close(slowClose)
+		}
+	}()
+	rt := &fakeRuntime{create: hook, close: func(tenant string) {
+		if tenant == "b" {
+			<-slowClose
+		}
+	}}
+	cfg := testConfig()
+	cfg.High, cfg.CreateConcurrency = 3, 2
+	p := newPool(t, rt, cfg)
+	ctx := context.Background()
+	for _, tenant := range []string{"a", "b", "z"} {
+		if _, err := p.Run(ctx, req(tenant)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rc := goRun(ctx, p, "c", "c0") // evicts a; c's creation hangs
+	waitFor(t, "c's creation", func() bool { return rt.Calls() == 4 })
+	rd := goRun(ctx, p, "d", "d0") // evicts b, whose removal hangs
+	waitFor(t, "b's removal", func() bool { return len(rt.Closed()) == 1 && p.Stats().Evictions == 2 })
+	// One creation makes its sandbox and one removes its victim: z's
+	// sandbox may go for e, whose run need not wait for either.
+	select {
+	case r := <-ctxRun(p, "e"):
+		if r.err != nil {
+			t.Fatal(r.err)
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatalf("e waited while one creation made its sandbox and one removed its victim (CreateConcurrency 2); stats %+v", p.Stats())
+	}
+	close(slowClose)
+	release()
+	for _, ch := range []<-chan result{rc, rd} {
+		if r := <-ch; r.err != nil {
+			t.Fatal(r.err)
+		}
+	}
+}
+
+// ctxRun runs a request of tenant in the background.
+func ctxRun(p *Pool, tenant string) <-chan result {
+	return goRun(context.Background(), p, tenant, tenant+"0")
+}
+
 // A sandbox whose tenant came back while it was resident (a hit) is kept
 // over one that served only the request it was made for, even when the
 // latter was used more recently.

@@ -24,6 +24,9 @@ type creation struct {
 func (p *Pool) startCreation(t *tenant, victim *entry) {
 	c := &creation{t: t, victim: victim}
 	p.creating++
+	if victim != nil {
+		p.removingVictims++
+	}
 	if t != nil {
 		t.creation = c
 	} else {
@@ -57,6 +60,10 @@ func (p *Pool) create(c *creation) {
 		if err := p.closeSandbox(c.victim.sb); err != nil {
 			p.log.Warn().Err(err).Msg("remove evicted sandbox")
 		}
+		p.mu.Lock()
+		p.removingVictims--
+		p.dispatch()
+		p.mu.Unlock()
 	}
 	for attempt := 1; ; attempt++ {
 		if !p.createSlot(c) {

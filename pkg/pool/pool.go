@@ -19,8 +19,10 @@
 //  4. fewer than High sandboxes: create one for the tenant (a cold start);
 //     every request of the tenant waits on that one creation;
 //  5. evict a sandbox that has nothing in flight and create one for the
-//     tenant in its place, once fewer than CreateConcurrency creations are
-//     under way (until then the sandbox goes on serving its own tenant);
+//     tenant in its place, once fewer than CreateConcurrency creations
+//     wait for or make their sandbox and fewer than CreateConcurrency
+//     remove the sandbox they evicted (until then the sandbox goes on
+//     serving its own tenant);
 //  6. wait in the queue.
 //
 // # Eviction
@@ -107,11 +109,14 @@ type Pool struct {
 	// becomes needy is tagged above it.
 	tagFloor uint64
 
-	creating  int         // creations under way; each holds a slot toward High
-	closing   int         // retired sandboxes whose Close has not returned
-	unclaimed []*creation // creations of free sandboxes no tenant has claimed
-	queued    int         // requests waiting
-	inflight  int         // runs in flight
+	creating int // creations under way; each holds a slot toward High
+	// removingVictims counts the creations still removing the sandbox they
+	// evicted (they ask for a Create slot after it).
+	removingVictims int
+	closing         int         // retired sandboxes whose Close has not returned
+	unclaimed       []*creation // creations of free sandboxes no tenant has claimed
+	queued          int         // requests waiting
+	inflight        int         // runs in flight
 	// preempting counts busy sandboxes taken for a waiting tenant and not
 	// yet retired: each will free a slot when its runs end.
 	preempting int
@@ -552,9 +557,9 @@ func (p *Pool) provide(t *tenant, reserved *int) provision {
 	// Sandboxes t may take (fair.go), worked out once for both ways.
 	may := p.victims(t)
 	if v := p.idleVictim(may); v != nil {
-		if p.creating >= p.cfg.CreateConcurrency {
-			// Its replacement could not start yet: v keeps serving its
-			// tenant until a creation ends (created or abandon dispatch).
+		if p.creating-p.removingVictims >= p.cfg.CreateConcurrency || p.removingVictims >= p.cfg.CreateConcurrency {
+			// Its replacement could not start soon: v keeps serving its
+			// tenant until a creation or a removal ends (both dispatch).
 			return noCapacity
 		}
 		p.stats.Evictions++
