@@ -2,6 +2,7 @@ package pool
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"sync"
@@ -338,5 +339,41 @@ func TestEvictionUnderOverloadTakesNewest(t *testing.T) {
 	collect(t, chs)
 	if got := rt.Closed(); len(got) != 2 || got[0] != "b" {
 		t.Fatalf("evicted %q, want b's sandbox first (the newest; a's is older)", got)
+	}
+}
+
+// A creation whose tenant's requests all gave up before its Create began
+// (here while its victim was being removed) makes a sandbox for the next
+// tenant waiting instead of one nobody wants.
+func TestCreationForNobodyServesTheNextTenant(t *testing.T) {
+	slowClose := make(chan struct{})
+	rt := &fakeRuntime{close: func(tenant string) {
+		if tenant == "a" {
+			<-slowClose
+		}
+	}}
+	cfg := testConfig()
+	cfg.High, cfg.CreateConcurrency = 2, 1
+	p := newPool(t, rt, cfg)
+	ctx := context.Background()
+	for _, tenant := range []string{"a", "b"} {
+		if _, err := p.Run(ctx, req(tenant)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cctx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+	defer cancel()
+	rc := goRun(cctx, p, "c", "c0") // evicts a, whose removal hangs
+	waitStats(t, p, "a's eviction", func(s Stats) bool { return s.Evictions == 1 })
+	rd := goRun(ctx, p, "d", "d0") // waits: one removal under way
+	if r := <-rc; !errors.Is(r.err, ErrQueueTimeout) {
+		t.Fatalf("c's run: %v, want ErrQueueTimeout", r.err)
+	}
+	close(slowClose)
+	if r := <-rd; r.err != nil {
+		t.Fatal(r.err)
+	}
+	if n, s := rt.Calls(), p.Stats(); n != 3 || s.Evictions != 1 {
+		t.Fatalf("%d sandboxes made, %d evicted, want 3 and 1: the creation c gave up on serves d; stats %+v", n, s.Evictions, s)
 	}
 }

@@ -73,6 +73,16 @@ func (p *Pool) create(c *creation) {
 			return
 		}
 		p.mu.Lock()
+		if t := c.t; t != nil && t.waiters.Len() == 0 {
+			// Every request that wanted it has gone (while it waited for
+			// its victim's removal or a slot): it is made free instead,
+			// and the next tenant in the ring claims it at once.
+			t.creation = nil
+			c.t = nil
+			p.unclaimed = append(p.unclaimed, c)
+			p.forget(t)
+			p.dispatch()
+		}
 		key := ""
 		if c.t != nil {
 			key = c.t.key
