@@ -47,6 +47,7 @@ type poolRates struct {
 	ColdStarts float64 `json:"cold_starts"` // sandboxes created for a waiting tenant
 	PoolHits   float64 `json:"pool_hits"`   // free sandboxes taken (each one refilled)
 	Evictions  float64 `json:"evictions"`   // idle sandboxes removed to make room
+	Hits       float64 `json:"hits"`        // runs in a sandbox the tenant had already
 }
 
 type benchReport struct {
@@ -209,16 +210,18 @@ func poolDelta(before, after []protocol.WorkerStats, secs float64) *poolRates {
 	var r poolRates
 	for _, s := range after {
 		p, ok := was[s.Worker]
-		if !ok || s.Pool.ColdStarts < p.ColdStarts || s.Pool.PoolHits < p.PoolHits || s.Pool.Evictions < p.Evictions {
+		if !ok || s.Pool.ColdStarts < p.ColdStarts || s.Pool.PoolHits < p.PoolHits || s.Pool.Evictions < p.Evictions || s.Pool.Hits < p.Hits {
 			continue // not there before, or restarted meanwhile
 		}
 		r.ColdStarts += float64(s.Pool.ColdStarts - p.ColdStarts)
 		r.PoolHits += float64(s.Pool.PoolHits - p.PoolHits)
 		r.Evictions += float64(s.Pool.Evictions - p.Evictions)
+		r.Hits += float64(s.Pool.Hits - p.Hits)
 	}
 	r.ColdStarts /= secs
 	r.PoolHits /= secs
 	r.Evictions /= secs
+	r.Hits /= secs
 	return &r
 }
 
@@ -498,8 +501,8 @@ func printReport(w io.Writer, rep benchReport) {
 	}
 	for _, r := range rep.Results {
 		if r.Pool != nil {
-			fmt.Fprintf(w, "%s: per second %.1f sandboxes created for waiting tenants, %.1f free sandboxes taken, %.1f evicted\n",
-				r.Name, r.Pool.ColdStarts, r.Pool.PoolHits, r.Pool.Evictions)
+			fmt.Fprintf(w, "%s: per second %.1f sandboxes created for waiting tenants, %.1f free sandboxes taken, %.1f evicted, %.1f runs in a sandbox the tenant had (hits)\n",
+				r.Name, r.Pool.ColdStarts, r.Pool.PoolHits, r.Pool.Evictions, r.Pool.Hits)
 		}
 	}
 	for _, r := range rep.Results {

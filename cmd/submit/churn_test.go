@@ -14,8 +14,8 @@ import (
 	"github.com/isode-run/isode/pkg/protocol"
 )
 
-// The churn scenario reports the pool's creations and evictions per second
-// of the measurement, from the workers' stats before and after.
+// The churn scenario reports the pool's creations, evictions and hits per
+// second of the measurement, from the workers' stats before and after.
 func TestBenchChurnReportsPoolRates(t *testing.T) {
 	s := testenv.NATS(t)
 	nc, err := nats.Connect(s.ClientURL())
@@ -27,10 +27,11 @@ func TestBenchChurnReportsPoolRates(t *testing.T) {
 		runs.Add(1)
 		return runner{}.Run(ctx, req)
 	})
-	// Every run is a cold start that evicts another tenant's sandbox.
+	// Every run is a cold start that evicts another tenant's sandbox (and
+	// counts three hits, so that hits are told apart).
 	stats := func() protocol.PoolStats {
 		n := runs.Load()
-		return protocol.PoolStats{ColdStarts: n, Evictions: n}
+		return protocol.PoolStats{ColdStarts: n, Evictions: n, Hits: 3 * n}
 	}
 	cfg := fleet.DefaultConfig()
 	cfg.WorkerID = "submit-churn-test"
@@ -63,8 +64,9 @@ func TestBenchChurnReportsPoolRates(t *testing.T) {
 	}
 	r := rep.Results[0]
 	want := 40 / r.Seconds
-	if p := r.Pool; p.ColdStarts < want*0.99 || p.ColdStarts > want*1.01 || p.Evictions != p.ColdStarts || p.PoolHits != 0 {
-		t.Fatalf("pool rates %+v, want %.1f cold starts and evictions a second", *p, want)
+	if p := r.Pool; p.ColdStarts < want*0.99 || p.ColdStarts > want*1.01 || p.Evictions != p.ColdStarts || p.PoolHits != 0 ||
+		p.Hits < 3*want*0.99 || p.Hits > 3*want*1.01 {
+		t.Fatalf("pool rates %+v, want %.1f cold starts and evictions and %.1f hits a second", *p, want, 3*want)
 	}
 }
 

@@ -66,7 +66,9 @@ type Config struct {
 	MaxAge time.Duration
 	// CreateConcurrency bounds the Runtime.Create calls under way at once:
 	// the engine serialises heavy parallel starts. Creations for waiting
-	// tenants go before refills of free sandboxes. 0 means the default.
+	// tenants go before refills of free sandboxes. An idle sandbox is
+	// evicted for a waiting tenant only while fewer creations than this
+	// are under way. 0 means the default.
 	CreateConcurrency int
 	// RefillDelay holds back the replacement of a free sandbox a tenant
 	// just took, so that the tenant's first run does not share the CPU

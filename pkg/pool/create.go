@@ -24,6 +24,9 @@ type creation struct {
 func (p *Pool) startCreation(t *tenant, victim *entry) {
 	c := &creation{t: t, victim: victim}
 	p.creating++
+	if victim != nil {
+		p.removingVictims++
+	}
 	if t != nil {
 		t.creation = c
 	} else {
@@ -57,6 +60,10 @@ func (p *Pool) create(c *creation) {
 		if err := p.closeSandbox(c.victim.sb); err != nil {
 			p.log.Warn().Err(err).Msg("remove evicted sandbox")
 		}
+		p.mu.Lock()
+		p.removingVictims--
+		p.dispatch()
+		p.mu.Unlock()
 	}
 	for attempt := 1; ; attempt++ {
 		if !p.createSlot(c) {
@@ -66,6 +73,16 @@ func (p *Pool) create(c *creation) {
 			return
 		}
 		p.mu.Lock()
+		if t := c.t; t != nil && t.waiters.Len() == 0 {
+			// Every request that wanted it has gone (while it waited for
+			// its victim's removal or a slot): it is made free instead,
+			// and the next tenant in the ring claims it at once.
+			t.creation = nil
+			c.t = nil
+			p.unclaimed = append(p.unclaimed, c)
+			p.forget(t)
+			p.dispatch()
+		}
 		key := ""
 		if c.t != nil {
 			key = c.t.key

@@ -18,6 +18,9 @@ import (
 type fakeRuntime struct {
 	// create runs before a sandbox is made; an error fails the attempt.
 	create func(ctx context.Context, tenant string) error
+	// close runs at the start of every Sandbox.Close, with the sandbox's
+	// tenant; it may block.
+	close func(tenant string)
 	// run serves Sandbox.Run; nil answers at once with the sandbox's id.
 	run func(ctx context.Context, sb *fakeSandbox, req *protocol.Request) (*protocol.Result, error)
 
@@ -189,6 +192,9 @@ func (s *fakeSandbox) Assign(tenant string) {
 }
 
 func (s *fakeSandbox) Close(ctx context.Context) error {
+	if s.rt.close != nil {
+		s.rt.close(s.Tenant())
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.closes++

@@ -18,9 +18,24 @@
 //  3. a free sandbox is ready: assign it to the tenant (a pool hit);
 //  4. fewer than High sandboxes: create one for the tenant (a cold start);
 //     every request of the tenant waits on that one creation;
-//  5. evict the least recently used sandbox that has nothing in flight and
-//     create one for the tenant in its place;
+//  5. evict a sandbox that has nothing in flight and create one for the
+//     tenant in its place, once fewer than CreateConcurrency creations
+//     wait for or make their sandbox and fewer than CreateConcurrency
+//     remove the sandbox they evicted (until then the sandbox goes on
+//     serving its own tenant);
 //  6. wait in the queue.
+//
+// # Eviction
+//
+// An eviction takes, of the idle sandboxes, first those that served only
+// the requests they were made for, then those whose tenant came back while
+// they were resident (a hit), each kind least recently used first. While
+// other tenants wait for a sandbox behind the one being served, though, it
+// takes the most recently used sandbox without a hit: more tenants are
+// active than there are sandboxes, and tenants that take turns would
+// otherwise each find their sandbox evicted just before their turn comes
+// back (LRU's worst case: every creation serves one request). Taking the
+// newest keeps the older sandboxes resident until their tenants return.
 //
 // # Queue and fairness
 //
@@ -94,11 +109,14 @@ type Pool struct {
 	// becomes needy is tagged above it.
 	tagFloor uint64
 
-	creating  int         // creations under way; each holds a slot toward High
-	closing   int         // retired sandboxes whose Close has not returned
-	unclaimed []*creation // creations of free sandboxes no tenant has claimed
-	queued    int         // requests waiting
-	inflight  int         // runs in flight
+	creating int // creations under way; each holds a slot toward High
+	// removingVictims counts the creations still removing the sandbox they
+	// evicted (they ask for a Create slot after it).
+	removingVictims int
+	closing         int         // retired sandboxes whose Close has not returned
+	unclaimed       []*creation // creations of free sandboxes no tenant has claimed
+	queued          int         // requests waiting
+	inflight        int         // runs in flight
 	// preempting counts busy sandboxes taken for a waiting tenant and not
 	// yet retired: each will free a slot when its runs end.
 	preempting int
@@ -125,6 +143,7 @@ type entry struct {
 	assigned time.Time // when its tenant got it
 	inflight int
 	runs     int
+	hits     int           // runs granted while it was its tenant's sandbox already (grantHit)
 	draining bool          // takes no new run; removed when its runs finish
 	evicting bool          // draining for another tenant (preempted)
 	retired  bool          // removed from the pool; Close under way or done
@@ -412,6 +431,7 @@ func (p *Pool) take(e *entry, kind grantKind) {
 	p.inflight++
 	switch kind {
 	case grantHit:
+		e.hits++
 		p.stats.Hits++
 	case grantPoolHit:
 		p.stats.PoolHits++
@@ -536,9 +556,14 @@ func (p *Pool) provide(t *tenant, reserved *int) provision {
 	}
 	// Sandboxes t may take (fair.go), worked out once for both ways.
 	may := p.victims(t)
-	if v := p.lruIdle(may); v != nil {
+	if v := p.idleVictim(may); v != nil {
+		if p.creating-p.removingVictims >= p.cfg.CreateConcurrency || p.removingVictims >= p.cfg.CreateConcurrency {
+			// Its replacement could not start soon: v keeps serving its
+			// tenant until a creation or a removal ends (both dispatch).
+			return noCapacity
+		}
 		p.stats.Evictions++
-		p.log.Debug().Str("sandbox", v.sb.ID()).Str("tenant", v.tenant.key).Str("for", t.key).Msg("evict least recently used sandbox")
+		p.log.Debug().Str("sandbox", v.sb.ID()).Str("tenant", v.tenant.key).Str("for", t.key).Msg("evict idle sandbox")
 		p.retire(v, false)
 		p.startCreation(t, v)
 		return provided
@@ -578,15 +603,43 @@ func (p *Pool) quantum() time.Duration {
 	return 4 * p.avgCreate
 }
 
-// lruIdle returns the least recently used tenant sandbox with nothing in
-// flight that may allows (victims), or nil.
-func (p *Pool) lruIdle(may func(*entry) bool) *entry {
+// idleVictim returns the tenant sandbox with nothing in flight, of those
+// may allows (victims), that an eviction takes, or nil. Sandboxes whose
+// tenant came back while they were resident (a hit) are kept over those
+// that served only the requests they were made for; among each kind the
+// least recently used goes first, except that while other tenants wait
+// behind the one being served (more tenants want a sandbox than there
+// are), the most recently used sandbox without a hit goes first.
+//
+// The exception is what lets a pool with more active tenants than High
+// serve any hit at all: tenants that take turns (a cycle longer than High)
+// find under LRU that every sandbox was evicted just before their turn
+// came back, so that each sandbox serves one request, while taking the
+// newest keeps the older ones resident until their tenants return.
+func (p *Pool) idleVictim(may func(*entry) bool) *entry {
+	var proven *entry
+	if p.needy.Len() > 1 {
+		for el := p.lru.Back(); el != nil; el = el.Prev() {
+			if e := el.Value.(*entry); e.inflight == 0 && may(e) {
+				if e.hits == 0 {
+					return e
+				}
+				proven = e // the least recently used one, in the end
+			}
+		}
+		return proven
+	}
 	for el := p.lru.Front(); el != nil; el = el.Next() {
 		if e := el.Value.(*entry); e.inflight == 0 && may(e) {
-			return e
+			if e.hits == 0 {
+				return e
+			}
+			if proven == nil {
+				proven = e
+			}
 		}
 	}
-	return nil
+	return proven
 }
 
 // popFree takes the oldest free sandbox that is still alive, or nil.
