@@ -18,6 +18,8 @@ rev=$(git rev-parse --short "$base^{commit}")
 dir=${BASE_DIR:-/tmp/isode-base-$rev}
 if [ ! -d "$dir" ]; then
 	git worktree add --detach "$dir" "$rev" >/dev/null
+elif [ "$(git -C "$dir" rev-parse --short HEAD)" != "$rev" ]; then
+	git -C "$dir" checkout -q --detach "$rev" # a kept worktree of another commit
 fi
 (cd "$dir" && CGO_ENABLED=0 go build -trimpath -o bin/ ./cmd/worker)
 BIN=${BIN:-bin}
