@@ -180,6 +180,17 @@ func BenchmarkChurn(b *testing.B) {
 	}
 }
 
+// serveOnce runs one request of each tenant, one after the other, so that
+// each has a sandbox.
+func serveOnce(t *testing.T, p *Pool, tenants ...string) {
+	t.Helper()
+	for _, tenant := range tenants {
+		if _, err := p.Run(context.Background(), req(tenant)); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
 // blockCreate returns a create hook that blocks the creations of tenant
 // until the returned func is called.
 func blockCreate(tenant string) (hook func(ctx context.Context, tn string) error, release func()) {
@@ -212,11 +223,7 @@ func TestEvictionWaitsForACreationSlot(t *testing.T) {
 	cfg.High, cfg.CreateConcurrency = 2, 1
 	p := newPool(t, rt, cfg)
 	ctx := context.Background()
-	for _, tenant := range []string{"a", "b"} {
-		if _, err := p.Run(ctx, req(tenant)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	serveOnce(t, p, "a", "b")
 	rc := goRun(ctx, p, "c", "c0") // evicts a; its creation hangs
 	waitFor(t, "c's creation", func() bool { return rt.Calls() == 3 })
 	rd := goRun(ctx, p, "d", "d0")
@@ -324,11 +331,7 @@ func TestEvictionUnderOverloadTakesNewest(t *testing.T) {
 	cfg.High, cfg.CreateConcurrency = 3, 1
 	p := newPool(t, rt, cfg)
 	ctx := context.Background()
-	for _, tenant := range []string{"a", "b"} {
-		if _, err := p.Run(ctx, req(tenant)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	serveOnce(t, p, "a", "b")
 	rx := goRun(ctx, p, "x", "x0") // the third sandbox, its creation hangs
 	waitFor(t, "x's creation", func() bool { return rt.Calls() == 3 })
 	chs := append([]<-chan result{rx}, enqueue(t, p, "c0", "d0")...)
@@ -356,11 +359,7 @@ func TestCreationForNobodyServesTheNextTenant(t *testing.T) {
 	cfg.High, cfg.CreateConcurrency = 2, 1
 	p := newPool(t, rt, cfg)
 	ctx := context.Background()
-	for _, tenant := range []string{"a", "b"} {
-		if _, err := p.Run(ctx, req(tenant)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	serveOnce(t, p, "a", "b")
 	cctx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
 	defer cancel()
 	rc := goRun(cctx, p, "c", "c0") // evicts a, whose removal hangs
