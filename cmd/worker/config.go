@@ -252,7 +252,7 @@ func parseConfig(args []string, stderr io.Writer) (config, error) {
 	fs.str(&c.tmpfs, "tmpfs", "ISODE_TMPFS", "size of each sandbox's /tmp (counts against memory)")
 	fs.int(&c.Docker.WorkerHeapMB, "heap-mb", "ISODE_HEAP_MB", "V8 heap limit of each snippet thread, in MiB")
 	fs.str(&c.Docker.Runtime, "runtime", "ISODE_RUNTIME", "OCI runtime for sandboxes, e.g. runsc (empty: the engine's default)")
-	fs.boolean(&c.Docker.ShareNode, "share-node", "ISODE_SHARE_NODE", "run every sandbox's node from one copy of the image's node directory in a volume (isode-node-<image id>), mounted read-only over it, so that sandboxes share its code in memory: with storage drivers such as fuse-overlayfs each container otherwise runs a private copy")
+	fs.boolean(&c.Docker.ShareNode, "share-node", "ISODE_SHARE_NODE", "run every sandbox's node from one copy of the image's node directory in a volume of this worker's (isode-node-<worker id>), mounted read-only over it, so that sandboxes share its code in memory: with storage drivers such as fuse-overlayfs each container otherwise runs a private copy")
 	fs.str(&c.agentSockets, "agent-sockets", "ISODE_AGENT_SOCKETS", "where sandboxes' agents get their unix sockets, which spare each run the trip through dockerd and the container's shim: a directory that the Docker engine's host has at the same path; none: speak over the containers' attach streams; auto: a directory under the temporary directory when the engine is reached over a unix socket, none otherwise; a worker whose sandboxes cannot reach their sockets goes back to the attach streams, with a warning")
 
 	fs.dur(&c.Fleet.MaxTimeout, "max-timeout", "ISODE_MAX_TIMEOUT", "cap on a request's run timeout")

@@ -6,9 +6,11 @@ import (
 	"fmt"
 	"path"
 	"strings"
+	"time"
 
 	cerrdefs "github.com/containerd/errdefs"
 	"github.com/docker/docker/api/types/container"
+	"github.com/docker/docker/api/types/filters"
 	"github.com/docker/docker/api/types/mount"
 	"github.com/docker/docker/api/types/volume"
 )
@@ -23,15 +25,24 @@ import (
 // volume (Docker copies an image's content into an empty volume mounted
 // over it), and every sandbox mounts that volume, read-only, over the
 // directory: the same bytes as the image's, from one file, whose pages all
-// sandboxes share. The volume is named after the image's id, so a new image
-// gets a new one.
+// sandboxes share.
+//
+// Each Runtime has a volume of its own (isode-node-<worker id>), filled
+// before its first sandbox and removed by its Close: Docker fills an empty
+// volume at every create that mounts it, so two workers sharing one would
+// race, one rewriting node while the other's sandboxes start it (CI saw
+// "exec node failed: Permission denied"). A killed worker's volume is
+// removed by the reaper of another worker of its fleet (reap.go).
 
 // nodeVolume is the volume of the image's node directory and where it is
 // mounted.
 type nodeVolume struct {
-	name string // isode-node-<image id>
+	name string // isode-node-<worker id>
 	dir  string // the directory in the image that holds node
 }
+
+// nodeVolumePrefix starts the name of every shared node volume.
+const nodeVolumePrefix = "isode-node-"
 
 func (v *nodeVolume) mount() mount.Mount {
 	return mount.Mount{Type: mount.TypeVolume, Source: v.name, Target: v.dir, ReadOnly: true}
@@ -47,13 +58,21 @@ func (r *Runtime) openNodeVolume(ctx context.Context) (_ *nodeVolume, err error)
 	if err != nil {
 		return nil, fmt.Errorf("inspect image %s: %w", r.cfg.Image, err)
 	}
-	id := strings.TrimPrefix(img.ID, "sha256:")
-	if len(id) > 16 {
-		id = id[:16]
+	v := &nodeVolume{name: nodeVolumePrefix + r.cfg.WorkerID}
+	// A volume of this name is a leftover (worker ids are unique among
+	// live workers): it may hold another image's node.
+	r.closeNodeVolume(ctx, v)
+	labels := map[string]string{LabelApp: AppName, LabelWorker: r.cfg.WorkerID, "io.isode.image": img.ID}
+	if r.cfg.Fleet != "" {
+		labels[LabelFleet] = r.cfg.Fleet
 	}
-	v := &nodeVolume{name: "isode-node-" + id}
-	if _, err := r.cli.VolumeCreate(cctx, volume.CreateOptions{Name: v.name, Labels: map[string]string{LabelApp: AppName}}); err != nil {
+	made, err := r.cli.VolumeCreate(cctx, volume.CreateOptions{Name: v.name, Labels: labels})
+	if err != nil {
 		return nil, fmt.Errorf("create volume %s: %w", v.name, err)
+	}
+	if made.Labels["io.isode.image"] != img.ID {
+		// A leftover still in use: it is not ours to fill or remove.
+		return nil, fmt.Errorf("volume %s exists and is in use, for image %q", v.name, made.Labels["io.isode.image"])
 	}
 	defer func() {
 		if err != nil {
@@ -120,13 +139,44 @@ func (r *Runtime) nodeDir(ctx context.Context, id string, env []string) (string,
 	return "", fmt.Errorf("image %s has no %s on its PATH (%s)", r.cfg.Image, r.cfg.Node, dirs)
 }
 
-// closeNodeVolume removes the volume unless a container still uses it
-// (another worker's sandboxes on this engine): the next Runtime fills it
-// again.
+// closeNodeVolume removes the volume; one a container still uses stays.
 func (r *Runtime) closeNodeVolume(ctx context.Context, v *nodeVolume) {
 	cctx, cancel := r.callCtx(context.WithoutCancel(ctx))
 	defer cancel()
 	if err := r.cli.VolumeRemove(cctx, v.name, false); err != nil && !cerrdefs.IsNotFound(err) && !cerrdefs.IsConflict(err) {
 		r.log.Warn("remove the shared node volume", "volume", v.name, "err", err)
 	}
+}
+
+// reapNodeVolumes removes the shared node volumes of other workers of this
+// fleet that are not alive and were made more than grace ago; one still
+// in use (a sandbox of that worker that lives on) stays for a later pass.
+func (r *Runtime) reapNodeVolumes(ctx context.Context, p *reaper, now time.Time) error {
+	if p == nil || p.alive == nil || p.fleet == "" {
+		return nil
+	}
+	cctx, cancel := r.callCtx(ctx)
+	defer cancel()
+	list, err := r.cli.VolumeList(cctx, volume.ListOptions{Filters: filters.NewArgs(
+		filters.Arg("label", LabelApp+"="+AppName), filters.Arg("label", LabelFleet+"="+p.fleet))})
+	if err != nil {
+		return fmt.Errorf("list isode volumes: %w", err)
+	}
+	for _, v := range list.Volumes {
+		w := v.Labels[LabelWorker]
+		if w == "" || w == p.self || !strings.HasPrefix(v.Name, nodeVolumePrefix) || p.alive(w) {
+			continue
+		}
+		if created, err := time.Parse(time.RFC3339, v.CreatedAt); err != nil || now.Sub(created) < p.grace {
+			continue
+		}
+		switch err := r.cli.VolumeRemove(cctx, v.Name, false); {
+		case err == nil:
+			r.log.Info("reaped volume", "volume", v.Name, "worker", w, "fleet", p.fleet)
+		case cerrdefs.IsNotFound(err), cerrdefs.IsConflict(err):
+		default:
+			return fmt.Errorf("remove volume %s: %w", v.Name, err)
+		}
+	}
+	return nil
 }

@@ -183,6 +183,9 @@ func (r *Runtime) reap(ctx context.Context, grace time.Duration, p *reaper) (int
 			"state", c.State, "why", why)
 		removed++
 	}
+	if err := r.reapNodeVolumes(ctx, p, now); err != nil {
+		errs = append(errs, err)
+	}
 	return removed, errors.Join(errs...)
 }
 

@@ -5,9 +5,12 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/docker/docker/api/types/volume"
+	"github.com/isode-run/isode/internal/testenv"
 	"github.com/isode-run/isode/pkg/dockerx"
 )
 
@@ -64,5 +67,71 @@ func TestSharedNode(t *testing.T) {
 	p := plain.create("p")
 	if mp := nodeMapping(t, plain, p); mp == ma {
 		t.Errorf("with ShareNode off the sandbox still maps the shared file %s", mp)
+	}
+}
+
+// TestSharedNodePerWorker: workers that start at once on one engine each
+// fill a volume of their own, so none rewrites node while another's
+// sandboxes start it (one volume per image did: "exec node failed:
+// Permission denied").
+func TestSharedNodePerWorker(t *testing.T) {
+	envs := make([]*env, 3)
+	var wg sync.WaitGroup
+	for i := range envs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			envs[i] = newEnv(t, nil)
+		}()
+	}
+	wg.Wait()
+	names := map[string]bool{}
+	for _, e := range envs {
+		for range 2 {
+			s := e.create("")
+			if got := mustRun(t, s, `return function (cb) { cb(null, 1) }`, ""); got != "1" {
+				t.Fatalf("got %s", got)
+			}
+			info, err := e.cli.ContainerInspect(context.Background(), s.ID())
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, m := range info.Mounts {
+				if m.Type == "volume" {
+					names[m.Name] = true
+				}
+			}
+		}
+	}
+	if len(names) != len(envs) {
+		t.Fatalf("volumes %v, want one per worker", names)
+	}
+}
+
+// TestReaperRemovesDeadWorkersNodeVolume: the shared node volume of a
+// worker of the fleet that is not alive goes; a live one's stays.
+func TestReaperRemovesDeadWorkersNodeVolume(t *testing.T) {
+	fleet := "test-fleet-" + randomHex(4)
+	e, _ := reaperEnv(t, fleet)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	dead, live := "isode-node-test-dead-"+randomHex(4), "isode-node-test-live-"+randomHex(4)
+	for name, worker := range map[string]string{dead: "dead", live: "live"} {
+		if _, err := e.cli.VolumeCreate(ctx, volume.CreateOptions{Name: name, Labels: map[string]string{
+			dockerx.LabelApp: dockerx.AppName, dockerx.LabelWorker: worker, dockerx.LabelFleet: fleet}}); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { e.cli.VolumeRemove(context.Background(), name, true) })
+	}
+	e.rt.StartReaper(reapEvery, reapGrace, func(w string) bool { return w == "live" })
+	exists := func(name string) bool {
+		_, err := e.cli.VolumeInspect(ctx, name)
+		return err == nil
+	}
+	if !testenv.Poll(reapBound, func() bool { return !exists(dead) }) {
+		t.Fatal("the dead worker's node volume was not removed")
+	}
+	if !exists(live) {
+		t.Fatal("the live worker's node volume was removed")
 	}
 }
