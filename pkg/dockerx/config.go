@@ -89,9 +89,11 @@ type Config struct {
 	// per run. The engine resolves a bind's source on its own host: the
 	// directory must be at the same path there (a worker on the engine's
 	// host, or in a container with the directory bind-mounted at the same
-	// path). An agent that cannot reach its socket makes the Runtime go
-	// back to the attach transport, logged. "" (the default): the protocol
-	// runs over the container's attach stream.
+	// path). A directory that cannot be made or is not the worker's own,
+	// an engine that does not see it, or an agent that cannot reach its
+	// socket make the Runtime go back to the attach transport, logged.
+	// "" (the default): the protocol runs over the container's attach
+	// stream.
 	AgentSocketDir string
 
 	// ShareNode mounts, read-only, a volume holding a copy of the image's

@@ -366,3 +366,21 @@ func TestSocketFallback(t *testing.T) {
 		})
 	}
 }
+
+// TestSocketDirectoryUnusable: a socket directory that cannot be made (a
+// worker in a read-only container) leaves the Runtime on the attach
+// streams, logged, rather than failing it.
+func TestSocketDirectoryUnusable(t *testing.T) {
+	var logs testenv.SyncBuffer
+	e := newEnv(t, func(cfg *dockerx.Config) {
+		cfg.AgentSocketDir = "/proc/isode-agents"
+		cfg.Logger = slog.New(slog.NewTextHandler(&logs, nil))
+	})
+	s := e.create("")
+	if got := mustRun(t, s, `return function (cb) { cb(null, require("fs").existsSync("/run/isode")) }`, ""); got != "false" {
+		t.Fatalf("the socket directory is mounted (%s), want the attach stream", got)
+	}
+	if !strings.Contains(logs.String(), "cannot reach their sockets") {
+		t.Fatalf("no warning:\n%s", logs.String())
+	}
+}
