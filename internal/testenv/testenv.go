@@ -16,6 +16,7 @@ import (
 
 	"github.com/docker/docker/api/types/container"
 	"github.com/docker/docker/api/types/filters"
+	"github.com/docker/docker/api/types/volume"
 	"github.com/docker/docker/client"
 	natsserver "github.com/nats-io/nats-server/v2/server"
 	natstest "github.com/nats-io/nats-server/v2/test"
@@ -98,7 +99,33 @@ func RemoveByLabel(t testing.TB, cli *client.Client, key, value string) int {
 			t.Errorf("remove container %s: %v", c.ID, err)
 		}
 	}
+	removeVolumesByLabel(ctx, t, cli, key, value)
 	return len(list)
+}
+
+// removeVolumesByLabel removes the volumes labelled key=value (a killed
+// worker's shared node volume), waiting for containers still being
+// removed to let go of them.
+func removeVolumesByLabel(ctx context.Context, t testing.TB, cli *client.Client, key, value string) {
+	t.Helper()
+	vols, err := cli.VolumeList(ctx, volume.ListOptions{Filters: filters.NewArgs(filters.Arg("label", key+"="+value))})
+	if err != nil {
+		t.Errorf("list volumes labelled %s=%s: %v", key, value, err)
+		return
+	}
+	for _, v := range vols.Volumes {
+		for {
+			err := cli.VolumeRemove(ctx, v.Name, false)
+			if err == nil || client.IsErrNotFound(err) {
+				break
+			}
+			if ctx.Err() != nil {
+				t.Errorf("remove volume %s: %v", v.Name, err)
+				break
+			}
+			time.Sleep(200 * time.Millisecond) // in use by a container being removed
+		}
+	}
 }
 
 // NATS starts an embedded JetStream-enabled NATS server on a random

@@ -112,6 +112,12 @@ func New(ctx context.Context, cfg Config) (*Runtime, error) {
 	if err != nil {
 		r.cancel()
 		r.wg.Wait()
+		if r.nodeVol != nil {
+			r.closeNodeVolume(ctx, r.nodeVol)
+		}
+		if r.sockBase != "" {
+			_ = os.RemoveAll(r.sockBase)
+		}
 		cli.Close()
 		return nil, fmt.Errorf("subscribe to docker events: %w", err)
 	}
