@@ -285,14 +285,7 @@ func TestReap(t *testing.T) {
 }
 
 func removeWorker(t *testing.T, e *env, worker string) {
-	old := e.cfg.WorkerID
-	e.cfg.WorkerID = worker
-	defer func() { e.cfg.WorkerID = old }()
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	for _, c := range e.containers() {
-		_ = e.cli.ContainerRemove(ctx, c.ID, container.RemoveOptions{Force: true})
-	}
+	testenv.RemoveByLabel(t, e.cli, dockerx.LabelWorker, worker) // its containers and its node volume
 }
 
 // TestRuntimeCloseDuringCreate: Close while Creates are in flight leaves
