@@ -36,6 +36,10 @@ const (
 // its terminating NUL).
 const maxSocketPath = 107
 
+// noSocketsWarning is logged, once, when a Runtime goes back to the
+// attach transport.
+const noSocketsWarning = "the sandboxes cannot reach their sockets: using the attach streams instead (slower)"
+
 // errSocketUnreachable is why a create failed when the engine did not
 // mount the socket directory or the agent could not reach its socket.
 var errSocketUnreachable = errors.New("the sandbox could not reach its socket: the socket directory is not at the same path on the Docker engine's host")
@@ -173,7 +177,7 @@ func (r *Runtime) socketsUnreachable(why string) error {
 	r.sockBase = ""
 	r.mu.Unlock()
 	if base != "" {
-		r.log.Warn("the sandboxes cannot reach their sockets: using the attach streams instead (slower); share the socket directory at the same path with the Docker engine's host, or set it to none",
+		r.log.Warn(noSocketsWarning+"; share the socket directory at the same path with the Docker engine's host, or set it to none",
 			"dir", filepath.Dir(base), "why", why)
 		_ = os.RemoveAll(base)
 	}

@@ -68,7 +68,7 @@ func pipedSandbox(t *testing.T, id string) *Sandbox {
 	s := newSandbox(endRuntime(t), id, "n-"+id, "")
 	a, b := net.Pipe()
 	t.Cleanup(func() { a.Close(); b.Close() })
-	s.conn = newAgentConn(a, s.rt.cfg.MaxFrameBytes, s.rt.cfg.MaxRequestBytes, s.broken)
+	s.conn = s.newConn(a)
 	return s
 }
 

@@ -11,6 +11,7 @@ import (
 	cerrdefs "github.com/containerd/errdefs"
 	"github.com/docker/docker/api/types/container"
 	"github.com/docker/docker/api/types/filters"
+	"github.com/docker/docker/api/types/image"
 	"github.com/docker/docker/api/types/mount"
 	"github.com/docker/docker/api/types/volume"
 )
@@ -48,21 +49,21 @@ func (v *nodeVolume) mount() mount.Mount {
 	return mount.Mount{Type: mount.TypeVolume, Source: v.name, Target: v.dir, ReadOnly: true}
 }
 
-// openNodeVolume finds node's directory in the image, makes the volume and
-// fills it by creating (not starting) one container that mounts it. On
-// failure it leaves no volume behind.
-func (r *Runtime) openNodeVolume(ctx context.Context) (_ *nodeVolume, err error) {
+// labelImage, on a shared node volume, is the id of the image it was
+// filled from.
+const labelImage = "io.isode.image"
+
+// openNodeVolume finds node's directory in the image (img is its
+// inspection), makes the volume and fills it by creating (not starting)
+// one container that mounts it. On failure it leaves no volume behind.
+func (r *Runtime) openNodeVolume(ctx context.Context, img image.InspectResponse) (_ *nodeVolume, err error) {
 	cctx, cancel := r.callCtx(ctx)
 	defer cancel()
-	img, err := r.cli.ImageInspect(cctx, r.cfg.Image)
-	if err != nil {
-		return nil, fmt.Errorf("inspect image %s: %w", r.cfg.Image, err)
-	}
 	v := &nodeVolume{name: nodeVolumePrefix + r.cfg.WorkerID}
 	// A volume of this name is a leftover (worker ids are unique among
 	// live workers): it may hold another image's node.
 	r.closeNodeVolume(ctx, v)
-	labels := map[string]string{LabelApp: AppName, LabelWorker: r.cfg.WorkerID, "io.isode.image": img.ID}
+	labels := map[string]string{LabelApp: AppName, LabelWorker: r.cfg.WorkerID, labelImage: img.ID}
 	if r.cfg.Fleet != "" {
 		labels[LabelFleet] = r.cfg.Fleet
 	}
@@ -70,9 +71,9 @@ func (r *Runtime) openNodeVolume(ctx context.Context) (_ *nodeVolume, err error)
 	if err != nil {
 		return nil, fmt.Errorf("create volume %s: %w", v.name, err)
 	}
-	if made.Labels["io.isode.image"] != img.ID {
+	if made.Labels[labelImage] != img.ID {
 		// A leftover still in use: it is not ours to fill or remove.
-		return nil, fmt.Errorf("volume %s exists and is in use, for image %q", v.name, made.Labels["io.isode.image"])
+		return nil, fmt.Errorf("volume %s exists and is in use, for image %q", v.name, made.Labels[labelImage])
 	}
 	defer func() {
 		if err != nil {
@@ -90,16 +91,19 @@ func (r *Runtime) openNodeVolume(ctx context.Context) (_ *nodeVolume, err error)
 		}
 		return resp.ID, nil
 	}
-	pid, err := probe(nil)
-	if err != nil {
-		return nil, fmt.Errorf("look into image %s: %w", r.cfg.Image, err)
-	}
-	v.dir, err = r.nodeDir(cctx, pid, img.Config.Env)
-	if rerr := r.remove(ctx, pid); rerr != nil {
-		err = errors.Join(err, rerr)
-	}
-	if err != nil {
-		return nil, err
+	v.dir = path.Dir(r.cfg.Node) // an absolute Node names its directory
+	if !path.IsAbs(r.cfg.Node) {
+		pid, err := probe(nil)
+		if err != nil {
+			return nil, fmt.Errorf("look into image %s: %w", r.cfg.Image, err)
+		}
+		v.dir, err = r.nodeDir(cctx, pid, img.Config.Env)
+		if rerr := r.remove(ctx, pid); rerr != nil {
+			err = errors.Join(err, rerr)
+		}
+		if err != nil {
+			return nil, err
+		}
 	}
 	fid, err := probe([]mount.Mount{v.mount()})
 	if err != nil {
@@ -111,13 +115,10 @@ func (r *Runtime) openNodeVolume(ctx context.Context) (_ *nodeVolume, err error)
 	return v, nil
 }
 
-// nodeDir returns the directory of the node binary in the created
-// container id: Config.Node's when it is absolute, else the first
-// directory of the image's PATH that has it.
+// nodeDir returns the directory of the node binary (Config.Node, a name)
+// in the created container id: the first directory of the image's PATH
+// (from its env) that has it.
 func (r *Runtime) nodeDir(ctx context.Context, id string, env []string) (string, error) {
-	if path.IsAbs(r.cfg.Node) {
-		return path.Dir(r.cfg.Node), nil
-	}
 	dirs := "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 	for _, e := range env {
 		if p, ok := strings.CutPrefix(e, "PATH="); ok {

@@ -12,6 +12,7 @@ import (
 
 	cerrdefs "github.com/containerd/errdefs"
 	"github.com/docker/docker/api/types/container"
+	"github.com/docker/docker/api/types/image"
 	"github.com/docker/docker/client"
 	"github.com/isode-run/isode/pkg/protocol"
 )
@@ -81,20 +82,21 @@ func New(ctx context.Context, cfg Config) (*Runtime, error) {
 		r.log = slog.New(slog.DiscardHandler)
 	}
 	r.ctx, r.cancel = context.WithCancel(context.Background())
-	if err := r.check(ctx); err != nil {
+	img, err := r.check(ctx)
+	if err != nil {
 		r.cancel()
 		cli.Close()
 		return nil, err
 	}
 	if cfg.ShareNode {
-		if r.nodeVol, err = r.openNodeVolume(ctx); err != nil {
+		if r.nodeVol, err = r.openNodeVolume(ctx, img); err != nil {
 			r.log.Warn("sandboxes run the image's own node files, unshared", "err", err)
 		}
 	}
 	if cfg.AgentSocketDir != "" {
 		// Without it the attach streams still work: slower, never less safe.
 		if r.sockBase, err = openSocketBase(cfg.AgentSocketDir); err != nil {
-			r.log.Warn("the sandboxes cannot reach their sockets: using the attach streams instead (slower)", "why", err)
+			r.log.Warn(noSocketsWarning, "why", err)
 		}
 	}
 	subscribed := make(chan error, 1)
@@ -112,45 +114,42 @@ func New(ctx context.Context, cfg Config) (*Runtime, error) {
 	if err != nil {
 		r.cancel()
 		r.wg.Wait()
-		if r.nodeVol != nil {
-			r.closeNodeVolume(ctx, r.nodeVol)
-		}
-		if r.sockBase != "" {
-			_ = os.RemoveAll(r.sockBase)
-		}
+		_ = r.releaseShared(ctx)
 		cli.Close()
 		return nil, fmt.Errorf("subscribe to docker events: %w", err)
 	}
 	return r, nil
 }
 
-// check pings the engine and checks the image and the OCI runtime.
-func (r *Runtime) check(ctx context.Context) error {
+// check pings the engine and checks the image and the OCI runtime. It
+// returns the image's inspection.
+func (r *Runtime) check(ctx context.Context) (image.InspectResponse, error) {
 	cctx, cancel := r.callCtx(ctx)
 	defer cancel()
 	if _, err := r.cli.Ping(cctx); err != nil {
-		return fmt.Errorf("ping docker engine at %s: %w", r.cli.DaemonHost(), err)
+		return image.InspectResponse{}, fmt.Errorf("ping docker engine at %s: %w", r.cli.DaemonHost(), err)
 	}
 	if r.cfg.Runtime != "" {
 		info, err := r.cli.Info(cctx)
 		if err != nil {
-			return fmt.Errorf("docker info: %w", err)
+			return image.InspectResponse{}, fmt.Errorf("docker info: %w", err)
 		}
 		if _, ok := info.Runtimes[r.cfg.Runtime]; !ok {
 			have := make([]string, 0, len(info.Runtimes))
 			for name := range info.Runtimes {
 				have = append(have, name)
 			}
-			return fmt.Errorf("%w: the engine has no OCI runtime %q (it has %s)", ErrUnavailable, r.cfg.Runtime, strings.Join(have, ", "))
+			return image.InspectResponse{}, fmt.Errorf("%w: the engine has no OCI runtime %q (it has %s)", ErrUnavailable, r.cfg.Runtime, strings.Join(have, ", "))
 		}
 	}
-	if _, err := r.cli.ImageInspect(cctx, r.cfg.Image); err != nil {
+	img, err := r.cli.ImageInspect(cctx, r.cfg.Image)
+	if err != nil {
 		if cerrdefs.IsNotFound(err) {
-			return fmt.Errorf("%w: image %s is not on the engine; %s", ErrUnavailable, r.cfg.Image, imageHowTo)
+			return img, fmt.Errorf("%w: image %s is not on the engine; %s", ErrUnavailable, r.cfg.Image, imageHowTo)
 		}
-		return fmt.Errorf("inspect image %s: %w", r.cfg.Image, err)
+		return img, fmt.Errorf("inspect image %s: %w", r.cfg.Image, err)
 	}
-	return nil
+	return img, nil
 }
 
 // Config returns the configuration the Runtime runs with.
@@ -411,15 +410,26 @@ func (r *Runtime) Close(ctx context.Context) error {
 
 	r.mu.Lock()
 	r.cancel()
+	r.mu.Unlock()
+	r.wg.Wait()
+	errs = append(errs, r.releaseShared(ctx))
+	return errors.Join(append(errs, r.cli.Close())...)
+}
+
+// releaseShared removes what the Runtime keeps for all its sandboxes: the
+// directory of their sockets and the shared node's volume. Their
+// sandboxes must be gone.
+func (r *Runtime) releaseShared(ctx context.Context) error {
+	r.mu.Lock()
 	base := r.sockBase
 	r.sockBase = ""
 	r.mu.Unlock()
-	r.wg.Wait()
+	var err error
 	if base != "" {
-		errs = append(errs, os.RemoveAll(base))
+		err = os.RemoveAll(base)
 	}
 	if r.nodeVol != nil {
 		r.closeNodeVolume(ctx, r.nodeVol)
 	}
-	return errors.Join(append(errs, r.cli.Close())...)
+	return err
 }

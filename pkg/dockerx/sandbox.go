@@ -125,11 +125,7 @@ func (s *Sandbox) Run(ctx context.Context, req *protocol.Request) (*protocol.Res
 	if agentBudget < time.Millisecond {
 		return nil, protocol.Errorf(protocol.CodeQueueTimeout, "the request's deadline passed before the snippet could start")
 	}
-	conn := s.protocol()
-	if conn == nil {
-		return nil, protocol.Errorf(protocol.CodeSandboxCrashed, "the sandbox is not started")
-	}
-	reply, err := conn.do(ctx, &agentRequest{
+	reply, err := s.call(ctx, &agentRequest{
 		Op:              "run",
 		Code:            req.Code,
 		Input:           req.Input,
@@ -144,11 +140,20 @@ func (s *Sandbox) Run(ctx context.Context, req *protocol.Request) (*protocol.Res
 	return s.result(reply)
 }
 
-// protocol returns the agent connection, nil before it is set up.
-func (s *Sandbox) protocol() *agentConn {
+// call sends req to the agent and waits up to wait for its reply.
+func (s *Sandbox) call(ctx context.Context, req *agentRequest, wait time.Duration) (*agentReply, error) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.conn
+	conn := s.conn
+	s.mu.Unlock()
+	if conn == nil {
+		return nil, protocol.Errorf(protocol.CodeSandboxCrashed, "the sandbox is not started")
+	}
+	return conn.do(ctx, req, wait)
+}
+
+// newConn is the agent protocol over rwc, with this sandbox's limits.
+func (s *Sandbox) newConn(rwc io.WriteCloser) *agentConn {
+	return newAgentConn(rwc, s.rt.cfg.MaxFrameBytes, s.rt.cfg.MaxRequestBytes, s.broken)
 }
 
 // result turns an agent reply into Run's results.
@@ -237,7 +242,7 @@ func (s *Sandbox) Close(ctx context.Context) error {
 func (s *Sandbox) attach(conn net.Conn, r *bufio.Reader, viaSocket bool) {
 	var ac *agentConn
 	if !viaSocket {
-		ac = newAgentConn(conn, s.rt.cfg.MaxFrameBytes, s.rt.cfg.MaxRequestBytes, s.broken)
+		ac = s.newConn(conn)
 	}
 	s.mu.Lock()
 	s.attachConn = conn
@@ -261,7 +266,7 @@ func (s *Sandbox) attach(conn net.Conn, r *bufio.Reader, viaSocket bool) {
 // connect takes the agent's connection on its unix socket and starts its
 // reader.
 func (s *Sandbox) connect(sock net.Conn) {
-	ac := newAgentConn(sock, s.rt.cfg.MaxFrameBytes, s.rt.cfg.MaxRequestBytes, s.broken)
+	ac := s.newConn(sock)
 	s.mu.Lock()
 	s.sock = sock
 	s.conn = ac
@@ -494,11 +499,7 @@ func (s *Sandbox) Ping(ctx context.Context) (*AgentStatus, error) {
 	if wait <= 0 {
 		return nil, protocol.Errorf(protocol.CodeTimeout, "no time left to ping the sandbox")
 	}
-	conn := s.protocol()
-	if conn == nil {
-		return nil, protocol.Errorf(protocol.CodeSandboxCrashed, "the sandbox is not started")
-	}
-	reply, err := conn.do(ctx, &agentRequest{Op: "ping"}, wait)
+	reply, err := s.call(ctx, &agentRequest{Op: "ping"}, wait)
 	if err != nil {
 		return nil, err
 	}
