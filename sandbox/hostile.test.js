@@ -104,29 +104,33 @@ test('console bytes are decoded as a stream: a character split across writes sta
   assert.ok(a.alive());
 });
 
-test('leftover processes are swept only while no request is in flight', { timeout: 30000 }, async (t) => {
+// sweepingAgent starts an Agent in this process that sweeps with sweep
+// after idleSweepMs, and returns it and run(id, code), which resolves to
+// the reply of that request.
+function sweepingAgent(t, idleSweepMs, sweep) {
   const { Agent } = require('./agent.js');
-  const sweeps = [];
-  let found = 2; // the first two sweeps find leftovers, so each asks for another
   const replies = new Map();
   const dec = new FrameDecoder(1 << 20, (b) => {
     const m = JSON.parse(b.toString('utf8'));
     replies.get(m.id)(m);
   });
-  const agent = new Agent({
-    write: (b) => dec.push(b),
-    idleSweepMs: 50,
-    sweep: () => {
-      sweeps.push({ at: Date.now(), inFlight: agent.pending.size });
-      return found-- > 0;
-    },
-  });
+  const agent = new Agent({ write: (b) => dec.push(b), idleSweepMs, sweep });
   t.after(() => agent.close());
   const run = (id, code) =>
     new Promise((resolve) => {
       replies.set(id, resolve);
       agent.feed(encodeFrame(JSON.stringify({ id, op: 'run', code, timeout_ms: 5000 })));
     });
+  return { agent, run };
+}
+
+test('leftover processes are swept only while no request is in flight', { timeout: 30000 }, async (t) => {
+  const sweeps = [];
+  let found = 2; // the first two sweeps find leftovers, so each asks for another
+  const { agent, run } = sweepingAgent(t, 50, () => {
+    sweeps.push({ at: Date.now(), inFlight: agent.pending.size });
+    return found-- > 0;
+  });
   const long = run(1, 'return function (cb) { setTimeout(() => cb(null, "long"), 600) }');
   assert.equal((await run(2, 'return function (cb) { cb(null, "short") }')).result, 'short');
   const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -141,27 +145,13 @@ test('leftover processes are swept only while no request is in flight', { timeou
 });
 
 test('a first request that overtakes the warm-up is swept after', { timeout: 30000 }, async (t) => {
-  const { Agent } = require('./agent.js');
   let sweeps = 0;
-  const replies = new Map();
-  const dec = new FrameDecoder(1 << 20, (b) => {
-    const m = JSON.parse(b.toString('utf8'));
-    replies.get(m.id)(m);
+  const { run } = sweepingAgent(t, 20, () => {
+    sweeps++;
+    return false;
   });
-  const agent = new Agent({
-    write: (b) => dec.push(b),
-    idleSweepMs: 20,
-    sweep: () => {
-      sweeps++;
-      return false;
-    },
-  });
-  t.after(() => agent.close());
   // Sent before the first Worker is ready: it runs before the warm-up.
-  const r = await new Promise((resolve) => {
-    replies.set(1, resolve);
-    agent.feed(encodeFrame(JSON.stringify({ id: 1, op: 'run', code: 'return function (cb) { cb(null, 1) }', timeout_ms: 5000 })));
-  });
+  const r = await run(1, 'return function (cb) { cb(null, 1) }');
   assert.equal(r.result, 1);
   await new Promise((resolve) => setTimeout(resolve, 1000));
   assert.ok(sweeps >= 1, 'never swept after the first request');

@@ -5,23 +5,13 @@ import (
 	"encoding/json"
 	"sync/atomic"
 	"testing"
-	"time"
 
-	"github.com/nats-io/nats.go"
-
-	"github.com/isode-run/isode/internal/testenv"
-	"github.com/isode-run/isode/pkg/fleet"
 	"github.com/isode-run/isode/pkg/protocol"
 )
 
 // The churn scenario reports the pool's creations, evictions and hits per
 // second of the measurement, from the workers' stats before and after.
 func TestBenchChurnReportsPoolRates(t *testing.T) {
-	s := testenv.NATS(t)
-	nc, err := nats.Connect(s.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
 	var runs atomic.Uint64
 	counted := runnerFunc(func(ctx context.Context, req *protocol.Request) (*protocol.Result, error) {
 		runs.Add(1)
@@ -33,25 +23,8 @@ func TestBenchChurnReportsPoolRates(t *testing.T) {
 		n := runs.Load()
 		return protocol.PoolStats{ColdStarts: n, Evictions: n, Hits: 3 * n}
 	}
-	cfg := fleet.DefaultConfig()
-	cfg.WorkerID = "submit-churn-test"
-	w, err := fleet.New(nc, counted, stats, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if err := w.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		w.StopPulling()
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		w.Wait(ctx)
-		nc.Close()
-	})
-	out, _, err := submit(t, "", "bench", "--nats", s.ClientURL(), "--scenario", "churn", "--tenants", "5", "--concurrency", "2", "--count", "40", "--json", "--quiet")
+	url := startFleet(t, "submit-churn-test", counted, stats)
+	out, _, err := submit(t, "", "bench", "--nats", url, "--scenario", "churn", "--tenants", "5", "--concurrency", "2", "--count", "40", "--json", "--quiet")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -34,14 +34,22 @@ func (runner) Run(ctx context.Context, req *protocol.Request) (*protocol.Result,
 // fleetURL starts a NATS server and a fleet worker with the fake runner.
 func fleetURL(t *testing.T) string {
 	t.Helper()
+	return startFleet(t, "submit-test", runner{}, nil)
+}
+
+// startFleet starts a NATS server and one fleet worker, id, that runs with
+// r and reports stats (nil: none); it returns the server's URL. Both are
+// stopped at cleanup.
+func startFleet(t *testing.T, id string, r fleet.Runner, stats fleet.StatsFunc) string {
+	t.Helper()
 	s := testenv.NATS(t)
 	nc, err := nats.Connect(s.ClientURL())
 	if err != nil {
 		t.Fatal(err)
 	}
 	cfg := fleet.DefaultConfig()
-	cfg.WorkerID = "submit-test"
-	w, err := fleet.New(nc, runner{}, nil, cfg)
+	cfg.WorkerID = id
+	w, err := fleet.New(nc, r, stats, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

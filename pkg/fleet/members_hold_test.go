@@ -22,20 +22,9 @@ import (
 // Here every put fails while the connections stay up, as during that
 // election: the bucket refuses any message for a while.
 func TestMembershipHoldsWhileTheBucketRefusesPuts(t *testing.T) {
-	e := newEnv(t)
-	workers := map[string]*fleet.Worker{}
-	for _, id := range []string{"w1", "w2", "w3"} {
-		workers[id] = startWorker(t, e, echo, fleetConfig(id))
-	}
-	before := steady(t, workers, 64)
-
-	js, _ := jetstream.New(e.nc)
+	workers, before, js, bucket := threeWorkers(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	bucket, err := js.Stream(ctx, "KV_"+protocol.MembersBucket(protocol.DefaultPrefix))
-	if err != nil {
-		t.Fatal(err)
-	}
 	cfg := bucket.CachedInfo().Config
 	refuse := cfg
 	refuse.MaxMsgSize = 1
@@ -43,19 +32,7 @@ func TestMembershipHoldsWhileTheBucketRefusesPuts(t *testing.T) {
 		t.Fatal(err)
 	}
 	// For several member TTLs no worker may drop or take a shard.
-	deadline := time.Now().Add(3 * fleetConfig("x").MemberTTL)
-	for time.Now().Before(deadline) {
-		now, err := ownership(workers, 64)
-		if err != nil {
-			t.Fatalf("while heartbeats fail: %v", err)
-		}
-		for s, o := range now {
-			if before[s] != o {
-				t.Fatalf("while heartbeats fail, shard %d moved from %s to %s", s, before[s], o)
-			}
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	shardsStay(t, workers, before, "while heartbeats fail")
 	if _, err := js.UpdateStream(ctx, cfg); err != nil {
 		t.Fatal(err)
 	}
@@ -74,20 +51,9 @@ func TestMembershipHoldsWhileTheBucketRefusesPuts(t *testing.T) {
 // own puts come back holds its view and watches afresh, and then sees the
 // fleet change again.
 func TestMembershipWatchesAfreshWhenTheWatchGoesQuiet(t *testing.T) {
-	e := newEnv(t)
-	workers := map[string]*fleet.Worker{}
-	for _, id := range []string{"w1", "w2", "w3"} {
-		workers[id] = startWorker(t, e, echo, fleetConfig(id))
-	}
-	before := steady(t, workers, 64)
-
-	js, _ := jetstream.New(e.nc)
+	workers, before, _, bucket := threeWorkers(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	bucket, err := js.Stream(ctx, "KV_"+protocol.MembersBucket(protocol.DefaultPrefix))
-	if err != nil {
-		t.Fatal(err)
-	}
 	// The watches' consumers vanish, as with the server that held them.
 	names := bucket.ConsumerNames(ctx)
 	n := 0
@@ -100,21 +66,48 @@ func TestMembershipWatchesAfreshWhenTheWatchGoesQuiet(t *testing.T) {
 	if n < 3 {
 		t.Fatalf("deleted %d watch consumers, want one per worker", n)
 	}
-	deadline := time.Now().Add(3 * fleetConfig("x").MemberTTL)
-	for time.Now().Before(deadline) {
-		now, err := ownership(workers, 64)
-		if err != nil {
-			t.Fatalf("after the watches vanished: %v", err)
-		}
-		for s, o := range now {
-			if before[s] != o {
-				t.Fatalf("after the watches vanished, shard %d moved from %s to %s", s, before[s], o)
-			}
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	shardsStay(t, workers, before, "after the watches vanished")
 	// Watching again: a worker that leaves is seen to leave.
 	workers["w3"].StopPulling()
 	delete(workers, "w3")
 	steady(t, workers, 64)
+}
+
+// threeWorkers starts workers w1-w3 and returns them, their shards once
+// steady, JetStream and the members bucket's stream.
+func threeWorkers(t *testing.T) (map[string]*fleet.Worker, map[int]string, jetstream.JetStream, jetstream.Stream) {
+	t.Helper()
+	e := newEnv(t)
+	workers := map[string]*fleet.Worker{}
+	for _, id := range []string{"w1", "w2", "w3"} {
+		workers[id] = startWorker(t, e, echo, fleetConfig(id))
+	}
+	before := steady(t, workers, 64)
+	js, _ := jetstream.New(e.nc)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	bucket, err := js.Stream(ctx, "KV_"+protocol.MembersBucket(protocol.DefaultPrefix))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return workers, before, js, bucket
+}
+
+// shardsStay fails the test if, for three member TTLs, any shard's owner
+// differs from before; when says what is going on.
+func shardsStay(t *testing.T, workers map[string]*fleet.Worker, before map[int]string, when string) {
+	t.Helper()
+	deadline := time.Now().Add(3 * fleetConfig("x").MemberTTL)
+	for time.Now().Before(deadline) {
+		now, err := ownership(workers, 64)
+		if err != nil {
+			t.Fatalf("%s: %v", when, err)
+		}
+		for s, o := range now {
+			if before[s] != o {
+				t.Fatalf("%s, shard %d moved from %s to %s", when, s, before[s], o)
+			}
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
