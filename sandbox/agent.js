@@ -79,6 +79,9 @@ const DEFAULTS = {
   // what snippets left running (see killLeftovers).
   sweep: null,
   idleSweepMs: 100,
+  // threadOnCpu(tid) tells whether a Worker's thread is on a CPU or waiting
+  // for one (see anotherWorkerHelps); tests replace it.
+  threadOnCpu,
 };
 
 // --- framing ---------------------------------------------------------------
@@ -189,6 +192,51 @@ function threadCpuNs(fd) {
   if (i <= 0) return null;
   const n = Number(s.slice(0, i));
   return Number.isSafeInteger(n) && n >= 0 ? n : null;
+}
+
+// threadOnCpu reports whether thread tid of this process is on a CPU or
+// waiting for one (state R in /proc/self/task/<tid>/stat), or null when it
+// cannot tell. Read only when a request has waited behind busy Workers.
+function threadOnCpu(tid) {
+  if (tid === null) return null;
+  let fd;
+  try {
+    fd = fs.openSync(`/proc/self/task/${tid}/stat`, 'r');
+  } catch {
+    return null;
+  }
+  const s = readProc(fd);
+  fs.closeSync(fd);
+  // "pid (comm) S ...": the state follows the last ')' (comm may hold one).
+  const i = s === null ? -1 : s.lastIndexOf(')');
+  if (i < 0 || i + 2 >= s.length) return null;
+  return s[i + 2] === 'R';
+}
+
+// anotherWorkerHelps decides whether a request that has waited spawnDelayMs
+// behind busy Workers should get a new Worker, from what each busy Worker's
+// thread is doing: {inRun: its snippet has begun and not yet answered,
+// onCpu: the thread is on a CPU or waiting for one (true|false|null),
+// cpuMs: CPU the thread has used since it was handed the request (or null),
+// heldMs: time since then}. A new thread costs tens of milliseconds of CPU
+// and thousands of page faults. It helps when a busy thread
+//  - has computed for spawnDelayMs: another core may be free;
+//  - is in its run but asleep: the snippet waits on a timer or I/O;
+//  - has held its request for STUCK_BEFORE_RUN_MS without beginning it: a
+//    leftover of an earlier snippet blocks the thread.
+// It does not when the busy threads are short runs on a CPU or queued for
+// one, or have answered and their results wait for this thread to read
+// them: that is a saturated machine, where another thread only competes for
+// the same CPUs (and is made again and again as bursts come and go). What
+// cannot be read counts as helping, as before this rule.
+const STUCK_BEFORE_RUN_MS = 1000;
+function anotherWorkerHelps(busy, spawnDelayMs) {
+  for (const b of busy) {
+    if (b.cpuMs === null || b.cpuMs >= spawnDelayMs) return true;
+    if (b.inRun && b.onCpu !== true) return true;
+    if (!b.inRun && b.heldMs >= STUCK_BEFORE_RUN_MS) return true;
+  }
+  return busy.length === 0;
 }
 
 // residentBytes returns the process's resident memory, from
@@ -368,6 +416,7 @@ class Agent {
       idle.state = 'busy';
       idle.req = req;
       req.slot = idle;
+      idle.handedAt = Date.now();
       req.cpu0 = threadCpuNs(idle.statFd);
       idle.worker.postMessage({ t: 'run', id: req.id, code: req.code, input: req.input, maxResult: req.maxResult, maxConsole: req.maxConsole });
     }
@@ -388,20 +437,37 @@ class Agent {
     // keep: a request that finds the Workers busy waits spawnDelayMs for
     // one of them first. Most runs take far less, and a tenant whose
     // requests overlap now and then no longer grows a Worker for each.
+    // Past that wait, a Worker starts only when it would help (see
+    // anotherWorkerHelps); if not, the question comes again a delay later.
     const waited = Date.now() - this.queue[0].queuedAt;
-    if (this.slots.size === 0 || waited >= this.o.spawnDelayMs) {
+    if (this.slots.size === 0 || (waited >= this.o.spawnDelayMs && this.anotherWorkerHelps())) {
       this.spawn();
     } else if (this.spawnTimer === null) {
       this.spawnTimer = setTimeout(() => {
         this.spawnTimer = null;
         this.dispatch();
-      }, this.o.spawnDelayMs - waited);
+      }, waited < this.o.spawnDelayMs ? this.o.spawnDelayMs - waited : this.o.spawnDelayMs);
     }
+  }
+
+  anotherWorkerHelps() {
+    const busy = [];
+    for (const s of this.slots) {
+      if (s.state !== 'busy' || s.req === null) continue;
+      const cpu = threadCpuNs(s.statFd);
+      busy.push({
+        inRun: Atomics.load(s.runState, 0) === 1,
+        onCpu: this.o.threadOnCpu(s.tid),
+        cpuMs: cpu === null || s.req.cpu0 === null ? null : (cpu - s.req.cpu0) / 1e6,
+        heldMs: Date.now() - s.handedAt,
+      });
+    }
+    return anotherWorkerHelps(busy, this.o.spawnDelayMs);
   }
 
   spawn() {
     if (this.closed) return;
-    const slot = { worker: null, state: 'starting', req: null, idleSince: 0, error: null, statFd: null };
+    const slot = { worker: null, state: 'starting', req: null, idleSince: 0, error: null, tid: null, statFd: null, handedAt: 0, runState: new Int32Array(new SharedArrayBuffer(4)) };
     this.stats.spawned++;
     let w;
     try {
@@ -410,7 +476,11 @@ class Agent {
         eval: fromSource,
         // Not the agent's own arguments: with an eval'd agent they hold its source.
         execArgv: [],
-        workerData: { modulePaths: this.o.modulePaths },
+        // runState: worker.js sets it to 1 while a snippet runs (see
+        // anotherWorkerHelps). A snippet can reach it through workerData and
+        // lie about its own thread: that only changes how many threads its
+        // own sandbox starts, within the concurrency.
+        workerData: { modulePaths: this.o.modulePaths, runState: slot.runState },
         stdout: true,
         stderr: true,
         resourceLimits: { maxOldGenerationSizeMb: this.o.workerHeapMb, maxYoungGenerationSizeMb: this.o.workerYoungMb },
@@ -446,7 +516,10 @@ class Agent {
       case 'ready':
         if (slot.state !== 'starting') return;
         // The thread's id comes with 'ready', before any snippet ran in it.
-        if (Number.isSafeInteger(m.tid) && m.tid > 0 && slot.statFd === null) slot.statFd = openThreadStat(m.tid);
+        if (Number.isSafeInteger(m.tid) && m.tid > 0 && slot.statFd === null) {
+          slot.tid = m.tid;
+          slot.statFd = openThreadStat(m.tid);
+        }
         this.spawnFailures = 0;
         slot.state = 'idle';
         slot.idleSince = Date.now();
@@ -899,4 +972,4 @@ function main(extra) {
 
 if (require.main === module) main();
 
-module.exports = { Agent, FrameDecoder, encodeFrame, DEFAULTS, MAX_RESULT_DEPTH, MIN_NODE_MAJOR, moduleDirs, main };
+module.exports = { Agent, anotherWorkerHelps, FrameDecoder, encodeFrame, DEFAULTS, MAX_RESULT_DEPTH, MIN_NODE_MAJOR, moduleDirs, main };

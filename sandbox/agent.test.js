@@ -261,6 +261,59 @@ test('moduleDirs keeps existing directories nobody can write to, in node\'s orde
   }
 });
 
+test('anotherWorkerHelps: a new Worker only for runs that wait on something or compute long', () => {
+  const { anotherWorkerHelps } = require('./agent.js');
+  const short = { inRun: true, onCpu: true, cpuMs: 3, heldMs: 60 };
+  const answered = { inRun: false, onCpu: false, cpuMs: 3, heldMs: 60 };
+  // Saturated machine: short runs on a CPU or queued for one, or answered
+  // with their results not read yet.
+  assert.equal(anotherWorkerHelps([short], 50), false);
+  assert.equal(anotherWorkerHelps([short, answered], 50), false);
+  assert.equal(anotherWorkerHelps([{ ...answered, onCpu: true }], 50), false);
+  // A run asleep (a timer, I/O), one computing for the whole delay, a
+  // request held for a second without its run beginning.
+  assert.equal(anotherWorkerHelps([short, { ...short, onCpu: false }], 50), true);
+  assert.equal(anotherWorkerHelps([{ ...short, cpuMs: 50 }], 50), true);
+  assert.equal(anotherWorkerHelps([{ ...answered, cpuMs: 50 }], 50), true);
+  assert.equal(anotherWorkerHelps([{ ...answered, heldMs: 1000 }], 50), true);
+  // What cannot be read counts as helping.
+  assert.equal(anotherWorkerHelps([{ ...short, onCpu: null }], 50), true);
+  assert.equal(anotherWorkerHelps([{ ...short, cpuMs: null }], 50), true);
+  assert.equal(anotherWorkerHelps([], 50), true);
+});
+
+test('a request behind a thread that is on a CPU with a short run gets no new Worker', async (t) => {
+  // threadOnCpu says R for every thread, as on a saturated machine: the slow
+  // run below, though it sleeps, looks like one waiting for a CPU, and its
+  // CPU time stays short, so the quick run waits for it.
+  const h = harness({ concurrency: 4, spawnDelayMs: 100, threadOnCpu: () => true });
+  t.after(() => h.agent.close());
+  await h.call({ op: 'ping' });
+  const slow = h.runCode('return function (cb) { setTimeout(() => cb(null, "slow"), 1500) }', { timeout_ms: 10000 });
+  const t0 = Date.now();
+  const quick = await h.runCode('return function (cb) { cb(null, "quick") }', { timeout_ms: 10000 });
+  const waited = Date.now() - t0;
+  assert.equal(quick.result, 'quick');
+  assert.equal((await slow).result, 'slow');
+  assert.ok(waited >= 1300, `the quick run waited only ${waited} ms: a Worker was started for it`);
+  assert.equal((await h.call({ op: 'ping' })).result.workers, 1);
+});
+
+test('a request behind a run that computes gets a new Worker once that run has used the delay in CPU', async (t) => {
+  const h = harness({ concurrency: 4, spawnDelayMs: 100, threadOnCpu: () => true });
+  t.after(() => h.agent.close());
+  await h.call({ op: 'ping' });
+  const busy = h.runCode('return function (cb) { const end = Date.now() + 3000; while (Date.now() < end); cb(null, "busy") }', { timeout_ms: 10000 });
+  await new Promise((r) => setTimeout(r, 20));
+  const t0 = Date.now();
+  const quick = await h.runCode('return function (cb) { cb(null, "quick") }', { timeout_ms: 10000 });
+  const waited = Date.now() - t0;
+  assert.equal(quick.result, 'quick');
+  assert.ok(waited < 2900, `the quick run waited ${waited} ms: no Worker was started for it`);
+  assert.equal((await h.call({ op: 'ping' })).result.workers, 2);
+  assert.equal((await busy).result, 'busy');
+});
+
 test('a request that finds the Workers busy waits for one before another is started', async (t) => {
   const h = harness({ concurrency: 4, spawnDelayMs: 1000 });
   t.after(() => h.agent.close());

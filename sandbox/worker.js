@@ -183,6 +183,10 @@ function compile(code) {
 // They become this thread's only global folders, so that a module's own
 // require() of its dependencies searches them too and never $HOME (which
 // may be /tmp); the thread must not start if that did not hold.
+// runState[0] is 1 from a run's start to its result, 0 otherwise: the agent
+// reads it to tell a snippet waiting on a timer or I/O from a finished one
+// whose result is on its way (agent.js, anotherWorkerHelps).
+const runState = workerData !== null && typeof workerData === 'object' && workerData.runState instanceof Int32Array ? workerData.runState : new Int32Array(1);
 const modulePaths = workerData !== null && typeof workerData === 'object' && isArray(workerData.modulePaths) ? workerData.modulePaths.filter((p) => typeof p === 'string') : [];
 (function useModulePaths() {
   // The environment snippets see stays as the image set it.
@@ -316,6 +320,7 @@ function send(req) {
   msg.console = req.console.join('');
   msg.truncated = req.truncated;
   msg.recycle = leftovers();
+  runState[0] = 0; // a plain store: a snippet may have replaced Atomics
   post(msg);
 }
 
@@ -361,6 +366,7 @@ function run(m) {
     outcome: null,
   };
   current = req;
+  runState[0] = 1;
 
   let fn;
   try {
