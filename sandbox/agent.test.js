@@ -205,6 +205,29 @@ test('bad requests are answered, not fatal', async (t) => {
   assert.throws(() => h.agent.feed(Buffer.from([0xff, 0xff, 0xff, 0xff])), /over the limit/);
 });
 
+test('each request times out at its own deadline, whatever the order they came in', async (t) => {
+  const h = harness({ concurrency: 4, spawnDelayMs: 0 });
+  t.after(() => h.agent.close());
+  await h.call({ op: 'ping' });
+  const never = 'return function (cb) {}';
+  const t0 = Date.now();
+  const at = (p) => p.then((r) => ({ code: r.error && r.error.code, ms: Date.now() - t0 }));
+  // The long one arms the deadline timer first; the shorter ones that come
+  // after must still be answered on time, and a quick run in between
+  // changes nothing.
+  const long = at(h.runCode(never, { timeout_ms: 2500 }));
+  const quick = await h.runCode('return function (cb) { cb(null, 1) }', { timeout_ms: 100 });
+  assert.equal(quick.result, 1);
+  const short = at(h.runCode(never, { timeout_ms: 300 }));
+  const middle = at(h.runCode(never, { timeout_ms: 900 }));
+  const [s, m, l] = await Promise.all([short, middle, long]);
+  for (const r of [s, m, l]) assert.equal(r.code, 'timeout');
+  assert.ok(s.ms >= 280 && s.ms < 850, `the 300 ms run timed out after ${s.ms} ms`);
+  assert.ok(m.ms >= 880 && m.ms < 2400, `the 900 ms run timed out after ${m.ms} ms`);
+  assert.ok(l.ms >= 2480, `the 2500 ms run timed out after ${l.ms} ms`);
+  assert.ok(s.ms < m.ms && m.ms < l.ms, `order: ${s.ms}, ${m.ms}, ${l.ms}`);
+});
+
 test('FrameDecoder reassembles frames split anywhere', () => {
   const frames = ['{"a":1}', 'x'.repeat(5000), '{}'];
   const stream = Buffer.concat(frames.map((f) => encodeFrame(f)));
@@ -212,6 +235,24 @@ test('FrameDecoder reassembles frames split anywhere', () => {
     const got = [];
     const d = new FrameDecoder(1 << 20, (b) => got.push(b.toString()));
     for (let i = 0; i < stream.length; i += step) d.push(stream.subarray(i, i + step));
+    assert.deepEqual(got, frames, `step ${step}`);
+  }
+});
+
+test('FrameDecoder keeps its own copy of what it holds from a borrowed buffer', () => {
+  // As with a socket's onread: every read lands in the same buffer, which
+  // is overwritten after push returns.
+  const frames = ['{"a":1}', 'y'.repeat(70000), '{"b":[2,3]}', 'z'.repeat(9)];
+  const stream = Buffer.concat(frames.map((f) => encodeFrame(f)));
+  for (const step of [1, 3, 7, 4096, 65536]) {
+    const got = [];
+    const d = new FrameDecoder(1 << 20, (b) => got.push(b.toString()));
+    const shared = Buffer.alloc(step);
+    for (let i = 0; i < stream.length; i += step) {
+      const n = stream.copy(shared, 0, i, i + step);
+      d.push(shared.subarray(0, n), true);
+      shared.fill(0x21); // what the next read would leave there
+    }
     assert.deepEqual(got, frames, `step ${step}`);
   }
 });
