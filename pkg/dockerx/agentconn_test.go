@@ -184,6 +184,43 @@ func TestAgentConnServes(t *testing.T) {
 	})
 }
 
+// Replies larger than a socket's buffer, between small ones: every reply
+// arrives whole, to its own caller. (Also a check for any writer of the
+// agent's that would write what it can at once and queue the rest.)
+func TestAgentConnLargeRepliesKeepTheirBytes(t *testing.T) {
+	forTransports(t, func(t *testing.T, viaSocket bool) {
+		p := startAgent(t, viaSocket)
+		ctx := context.Background()
+		var wg sync.WaitGroup
+		for i := range 16 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				n := 1
+				if i%2 == 0 {
+					n = 300_000 + i // over a unix socket's buffer, each its own length
+				}
+				code := `return function (cb) { cb(null, "` + strconv.Itoa(i%10) + `".repeat(` + strconv.Itoa(n) + `)) }`
+				r, err := p.run(ctx, code, 10*time.Second)
+				want := `"` + strings.Repeat(strconv.Itoa(i%10), n) + `"`
+				if err != nil || string(r.Result) != want {
+					got := ""
+					if r != nil {
+						got = string(r.Result)
+					}
+					t.Errorf("run %d: %v, a result of %d bytes, want %d", i, err, len(got), len(want))
+				}
+			}()
+		}
+		wg.Wait()
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		if len(p.broken) != 0 {
+			t.Fatalf("the connection broke: %v", p.broken)
+		}
+	})
+}
+
 // The agent dies with runs in flight: the reader ends, and the owner's
 // fail hands its reason to every call.
 func TestAgentConnAgentDies(t *testing.T) {
