@@ -174,3 +174,11 @@ func TestAutoAgentSockets(t *testing.T) {
 		}
 	}
 }
+
+func TestWorkerProcsLeavesHalfTheCPUsToTheSandboxes(t *testing.T) {
+	for _, c := range []struct{ cpus, want int }{{1, 1}, {2, 1}, {3, 1}, {4, 2}, {16, 8}} {
+		if got := workerProcs(c.cpus); got != c.want {
+			t.Errorf("workerProcs(%d) = %d, want %d", c.cpus, got, c.want)
+		}
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net/url"
+	"runtime"
 	"strings"
 	"sync"
 	"time"
@@ -166,6 +167,7 @@ func run(ctx, abort context.Context, args []string, stdout, stderr io.Writer) er
 	log.Info().
 		Int("shards", len(w.Owned())).Int("low", cfg.Pool.Low).Int("high", cfg.Pool.High).
 		Int("capacity", cfg.Fleet.Capacity).Str("image", cfg.Docker.Image).
+		Int("gomaxprocs", runtime.GOMAXPROCS(0)).
 		Msg("worker ready")
 
 	select {
