@@ -39,7 +39,8 @@
 //   ISODE_MAX_FRAME_BYTES   largest frame this agent writes (default 2 MiB)
 //   ISODE_MAX_REQUEST_BYTES largest frame this agent accepts (default 4 MiB)
 //   ISODE_IDLE_TRIM_MS      idle time after which extra Workers end (default 30000)
-//   ISODE_SPAWN_DELAY_MS    wait behind busy Workers before another starts (default 50)
+//   ISODE_SPAWN_DELAY_MS    wait behind busy Workers before another starts (default 50),
+//                           and then only if it would help (anotherWorkerHelps)
 //   ISODE_AGENT_SOCKET      a unix socket to connect to: the protocol runs
 //                           over it instead of stdin and stdout (exit 76
 //                           when it cannot be reached); stdin's end still
