@@ -287,18 +287,74 @@ func TestSocketBaseRefusesSharedDirectory(t *testing.T) {
 	if err := os.Chmod(dir, 0o777); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := openSocketBase(dir); !errors.Is(err, ErrInvalidConfig) {
+	if _, _, err := openSocketBase(dir); !errors.Is(err, ErrInvalidConfig) {
 		t.Fatalf("a directory anyone may write to: %v, want ErrInvalidConfig", err)
 	}
 	if err := os.Chmod(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	base, err := openSocketBase(filepath.Join(dir, "made"))
+	base, lock, err := openSocketBase(filepath.Join(dir, "made"))
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer lock.Close()
 	if fi, err := os.Stat(base); err != nil || fi.Mode().Perm() != 0o700 {
 		t.Fatalf("the worker's own directory: %v %v, want mode 0700", fi.Mode(), err)
+	}
+}
+
+// A worker killed leaves its socket directory, with the sockets of
+// sandboxes that had not connected: the next Runtime to start removes it,
+// and only it. Live Runtimes hold a lock on theirs; a directory just made
+// is not yet locked; a worker from before the lock named its own w...
+func TestSocketBaseRemovesDeadRuntimesDirectories(t *testing.T) {
+	dir := t.TempDir()
+	old := time.Now().Add(-time.Minute)
+	mk := func(name string, age time.Time) string {
+		p := filepath.Join(dir, name)
+		if err := os.MkdirAll(filepath.Join(p, "isode-0123456789abcdef"), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chtimes(p, age, age); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	dead := mk(socketBasePrefix+"dead", old)
+	live := mk(socketBasePrefix+"live", old)
+	young := mk(socketBasePrefix+"young", time.Now())
+	before := mk("w123", old)
+	held, err := lockDir(live) // as a live Runtime holds its own
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+
+	base, lock, err := openSocketBase(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lock.Close()
+	if _, err := os.Stat(dead); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("a dead Runtime's directory is still there: %v", err)
+	}
+	for _, p := range []string{live, young, before, base} {
+		if _, err := os.Stat(p); err != nil {
+			t.Errorf("%s was removed: %v", filepath.Base(p), err)
+		}
+	}
+	// This Runtime's own directory is locked: another one starting later
+	// (here, once the directory is old enough) leaves it alone.
+	if err := os.Chtimes(base, old, old); err != nil {
+		t.Fatal(err)
+	}
+	_, lock2, err := openSocketBase(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lock2.Close()
+	if _, err := os.Stat(base); err != nil {
+		t.Errorf("a live Runtime's directory was removed by the next: %v", err)
 	}
 }
 

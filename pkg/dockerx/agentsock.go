@@ -44,28 +44,88 @@ const noSocketsWarning = "the sandboxes cannot reach their sockets: using the at
 // mount the socket directory or the agent could not reach its socket.
 var errSocketUnreachable = errors.New("the sandbox could not reach its socket: the socket directory is not at the same path on the Docker engine's host")
 
+// socketBasePrefix starts the name of each Runtime's directory under the
+// socket directory. A Runtime holds an exclusive flock on its directory
+// for its life, and the kernel drops it when the process dies, so a
+// directory nobody holds is a dead Runtime's and the next Runtime to start
+// removes it (removeDeadSocketBases). Directories of workers from before
+// the lock (named w...) are left alone: their owner may still be alive.
+const socketBasePrefix = "l"
+
+// deadSocketBaseAge is how long a directory must have been unchanged before
+// it may be taken for a dead Runtime's: a Runtime locks its own within
+// microseconds of making it, and adds to it as sandboxes come.
+const deadSocketBaseAge = 10 * time.Second
+
 // openSocketBase makes this Runtime's private directory under dir, where
-// each sandbox gets a directory of its own. Only the engine (root) needs
-// to reach into it: it is the bind mounts' source.
+// each sandbox gets a directory of its own, and locks it (the returned
+// file holds the lock: close it when the directory is removed). Only the
+// engine (root) needs to reach into it: it is the bind mounts' source.
 // dir must be this user's and writable by nobody else: whoever may rename
 // entries in it could swap a sandbox's directory for one of their own.
-func openSocketBase(dir string) (string, error) {
+func openSocketBase(dir string) (string, *os.File, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return "", fmt.Errorf("agent socket directory: %w", err)
+		return "", nil, fmt.Errorf("agent socket directory: %w", err)
 	}
 	fi, err := os.Lstat(dir)
 	if err != nil {
-		return "", fmt.Errorf("agent socket directory: %w", err)
+		return "", nil, fmt.Errorf("agent socket directory: %w", err)
 	}
 	st, ok := fi.Sys().(*syscall.Stat_t)
 	if !fi.IsDir() || fi.Mode().Perm()&0o022 != 0 || (ok && int(st.Uid) != os.Getuid()) {
-		return "", fmt.Errorf("%w: agent socket directory %s must be a directory of this user's that nobody else may write to", ErrInvalidConfig, dir)
+		return "", nil, fmt.Errorf("%w: agent socket directory %s must be a directory of this user's that nobody else may write to", ErrInvalidConfig, dir)
 	}
-	base, err := os.MkdirTemp(dir, "w")
+	removeDeadSocketBases(dir)
+	base, err := os.MkdirTemp(dir, socketBasePrefix)
 	if err != nil {
-		return "", fmt.Errorf("agent socket directory: %w", err)
+		return "", nil, fmt.Errorf("agent socket directory: %w", err)
 	}
-	return base, nil
+	lock, err := lockDir(base)
+	if err != nil {
+		_ = os.RemoveAll(base)
+		return "", nil, fmt.Errorf("agent socket directory: lock %s: %w", base, err)
+	}
+	return base, lock, nil
+}
+
+// lockDir opens dir and takes an exclusive flock on it, without waiting:
+// it fails when another open file holds one.
+func lockDir(dir string) (*os.File, error) {
+	f, err := os.Open(dir)
+	if err != nil {
+		return nil, err
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return f, nil
+}
+
+// removeDeadSocketBases removes, under dir, the directories of Runtimes
+// that are gone without removing theirs (a worker killed or crashed): each
+// holds the sockets of sandboxes that had not connected yet. Those of live
+// Runtimes are locked.
+func removeDeadSocketBases(dir string) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	for _, e := range entries {
+		if !e.IsDir() || !strings.HasPrefix(e.Name(), socketBasePrefix) {
+			continue
+		}
+		if fi, err := e.Info(); err != nil || time.Since(fi.ModTime()) < deadSocketBaseAge {
+			continue
+		}
+		p := filepath.Join(dir, e.Name())
+		lock, err := lockDir(p)
+		if err != nil {
+			continue // held: its Runtime is alive
+		}
+		_ = os.RemoveAll(p)
+		lock.Close()
+	}
 }
 
 // agentSocket is the listening end of one sandbox's socket.

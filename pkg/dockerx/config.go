@@ -211,7 +211,7 @@ func (c *Config) Validate() error {
 		bad("WorkerHeapMB %d must be at least 8 and below Memory (%d MiB)", c.WorkerHeapMB, c.Memory/MiB)
 	}
 	if d := c.AgentSocketDir; d != "" {
-		// base (d/wXXXXXXXXX), sandbox name (isode-<16 hex>), socket name
+		// base (d/lXXXXXXXXX), sandbox name (isode-<16 hex>), socket name
 		if n := len(d) + 11 + 23 + 1 + len(agentSocketName); !filepath.IsAbs(d) || n > maxSocketPath {
 			bad("AgentSocketDir %q must be an absolute path of at most %d bytes (a socket path is at most %d)", d, len(d)-(n-maxSocketPath), maxSocketPath)
 		}

@@ -41,6 +41,7 @@ type Runtime struct {
 	creating  map[string]bool     // names of containers being created
 	reaping   bool                // StartReaper has started the reaper
 	sockBase  string              // this Runtime's directory of agent sockets; "": the attach transport
+	sockLock  *os.File            // holds the lock on sockBase (openSocketBase) until releaseShared
 	nodeVol   *nodeVolume         // the shared node (Config.ShareNode); nil: the image's own
 
 	nodeArgs []string // node's arguments; nil: sandbox.Args() (tests compare others)
@@ -95,7 +96,7 @@ func New(ctx context.Context, cfg Config) (*Runtime, error) {
 	}
 	if cfg.AgentSocketDir != "" {
 		// Without it the attach streams still work: slower, never less safe.
-		if r.sockBase, err = openSocketBase(cfg.AgentSocketDir); err != nil {
+		if r.sockBase, r.sockLock, err = openSocketBase(cfg.AgentSocketDir); err != nil {
 			r.log.Warn(noSocketsWarning, "why", err)
 		}
 	}
@@ -427,6 +428,9 @@ func (r *Runtime) releaseShared(ctx context.Context) error {
 	var err error
 	if base != "" {
 		err = os.RemoveAll(base)
+	}
+	if r.sockLock != nil {
+		r.sockLock.Close() // after the removal: nobody takes a live directory for a dead one
 	}
 	if r.nodeVol != nil {
 		r.closeNodeVolume(ctx, r.nodeVol)
