@@ -306,7 +306,8 @@ func TestSocketBaseRefusesSharedDirectory(t *testing.T) {
 // A worker killed leaves its socket directory, with the sockets of
 // sandboxes that had not connected: the next Runtime to start removes it,
 // and only it. Live Runtimes hold a lock on theirs; a directory just made
-// is not yet locked; a worker from before the lock named its own w...
+// is not yet locked; a worker from before the lock named its own w...; and
+// a directory the operator chose may hold others of its own.
 func TestSocketBaseRemovesDeadRuntimesDirectories(t *testing.T) {
 	dir := t.TempDir()
 	old := time.Now().Add(-time.Minute)
@@ -320,11 +321,12 @@ func TestSocketBaseRemovesDeadRuntimesDirectories(t *testing.T) {
 		}
 		return p
 	}
-	dead := mk(socketBasePrefix+"dead", old)
-	live := mk(socketBasePrefix+"live", old)
-	young := mk(socketBasePrefix+"young", time.Now())
+	dead := mk(socketBasePrefix+"101", old)
+	live := mk(socketBasePrefix+"102", old)
+	young := mk(socketBasePrefix+"103", time.Now())
 	before := mk("w123", old)
-	held, err := lockDir(live) // as a live Runtime holds its own
+	other := mk("lost+found", old) // not a Runtime's, though it starts like one
+	held, err := lockDir(live)     // as a live Runtime holds its own
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -338,7 +340,7 @@ func TestSocketBaseRemovesDeadRuntimesDirectories(t *testing.T) {
 	if _, err := os.Stat(dead); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("a dead Runtime's directory is still there: %v", err)
 	}
-	for _, p := range []string{live, young, before, base} {
+	for _, p := range []string{live, young, before, other, base} {
 		if _, err := os.Stat(p); err != nil {
 			t.Errorf("%s was removed: %v", filepath.Base(p), err)
 		}

@@ -102,6 +102,23 @@ func lockDir(dir string) (*os.File, error) {
 	return f, nil
 }
 
+// isSocketBaseName reports whether name has the shape of a Runtime's
+// directory as openSocketBase makes it (the prefix, then MkdirTemp's
+// decimal digits): a socket directory the operator chose may hold other
+// directories (lost+found, say), never to be taken for a dead Runtime's.
+func isSocketBaseName(name string) bool {
+	digits, ok := strings.CutPrefix(name, socketBasePrefix)
+	if !ok || digits == "" {
+		return false
+	}
+	for _, c := range digits {
+		if c < '0' || c > '9' {
+			return false
+		}
+	}
+	return true
+}
+
 // removeDeadSocketBases removes, under dir, the directories of Runtimes
 // that are gone without removing theirs (a worker killed or crashed): each
 // holds the sockets of sandboxes that had not connected yet. Those of live
@@ -112,7 +129,7 @@ func removeDeadSocketBases(dir string) {
 		return
 	}
 	for _, e := range entries {
-		if !e.IsDir() || !strings.HasPrefix(e.Name(), socketBasePrefix) {
+		if !e.IsDir() || !isSocketBaseName(e.Name()) {
 			continue
 		}
 		if fi, err := e.Info(); err != nil || time.Since(fi.ModTime()) < deadSocketBaseAge {

@@ -422,15 +422,15 @@ func (r *Runtime) Close(ctx context.Context) error {
 // sandboxes must be gone.
 func (r *Runtime) releaseShared(ctx context.Context) error {
 	r.mu.Lock()
-	base := r.sockBase
-	r.sockBase = ""
+	base, lock := r.sockBase, r.sockLock
+	r.sockBase, r.sockLock = "", nil
 	r.mu.Unlock()
 	var err error
 	if base != "" {
 		err = os.RemoveAll(base)
 	}
-	if r.sockLock != nil {
-		r.sockLock.Close() // after the removal: nobody takes a live directory for a dead one
+	if lock != nil {
+		lock.Close() // after the removal: nobody takes a live directory for a dead one
 	}
 	if r.nodeVol != nil {
 		r.closeNodeVolume(ctx, r.nodeVol)
