@@ -42,6 +42,10 @@ const CACHE_ENTRIES = 64;
 const CACHE_BYTES = 4 << 20;
 
 let current = null; // the request being run, or null
+// runState[0] is 1 from a run's start to its result, 0 otherwise: the agent
+// reads it to tell a snippet waiting on a timer or I/O from a finished one
+// whose result is on its way (agent.js, anotherWorkerHelps).
+const runState = workerData !== null && typeof workerData === 'object' && workerData.runState instanceof Int32Array ? workerData.runState : new Int32Array(1);
 
 // --- console capture -------------------------------------------------------
 
@@ -183,10 +187,6 @@ function compile(code) {
 // They become this thread's only global folders, so that a module's own
 // require() of its dependencies searches them too and never $HOME (which
 // may be /tmp); the thread must not start if that did not hold.
-// runState[0] is 1 from a run's start to its result, 0 otherwise: the agent
-// reads it to tell a snippet waiting on a timer or I/O from a finished one
-// whose result is on its way (agent.js, anotherWorkerHelps).
-const runState = workerData !== null && typeof workerData === 'object' && workerData.runState instanceof Int32Array ? workerData.runState : new Int32Array(1);
 const modulePaths = workerData !== null && typeof workerData === 'object' && isArray(workerData.modulePaths) ? workerData.modulePaths.filter((p) => typeof p === 'string') : [];
 (function useModulePaths() {
   // The environment snippets see stays as the image set it.
