@@ -319,6 +319,51 @@ func TestEvictionKeepsSandboxesWithHits(t *testing.T) {
 	}
 }
 
+// A tenant that came back before (a hit) and has since stayed away twice
+// as long as it ever did, and over a second, has departed: its sandbox is
+// evicted before those of tenants still active, even ones without a hit, so
+// that a new set of tenants does not churn in the sandboxes the old set
+// left behind until IdleTimeout.
+func TestEvictionTakesDepartedTenantsFirst(t *testing.T) {
+	clock := newFakeClock()
+	rt := &fakeRuntime{}
+	cfg := testConfig()
+	cfg.High = 3
+	cfg.Clock = clock
+	p := newPool(t, rt, cfg)
+	serveOnce(t, p, "a", "a", "b", "b") // both came back at once: hits, no absence
+	clock.Advance(5 * time.Second)      // and then stopped
+	serveOnce(t, p, "c", "d")           // c takes the free slot, d evicts
+	if got := rt.Closed(); !slices.Equal(got, []string{"a"}) {
+		t.Fatalf("evicted %q, want a's sandbox (departed, the least recently used) over c's (no hit, but active)", got)
+	}
+}
+
+// A tenant that takes turns is not departed while it stays away less than
+// twice its longest absence before a hit: its sandbox keeps the protection
+// of its hit, and loses it only past that.
+func TestEvictionKeepsTenantsThatTakeTurns(t *testing.T) {
+	clock := newFakeClock()
+	rt := &fakeRuntime{}
+	cfg := testConfig()
+	cfg.High = 2
+	cfg.Clock = clock
+	p := newPool(t, rt, cfg)
+	serveOnce(t, p, "a")
+	clock.Advance(3 * time.Second)
+	serveOnce(t, p, "a", "b") // a came back after 3 s: a hit
+	clock.Advance(4 * time.Second)
+	serveOnce(t, p, "c") // a away 4 s, under twice 3 s: b (no hit) goes
+	if got := rt.Closed(); !slices.Equal(got, []string{"b"}) {
+		t.Fatalf("evicted %q, want b's sandbox (a's had a hit and a is not departed)", got)
+	}
+	clock.Advance(3 * time.Second)
+	serveOnce(t, p, "d") // a away 7 s, over twice 3 s: departed
+	if got := rt.Closed(); !slices.Equal(got, []string{"b", "a"}) {
+		t.Fatalf("evicted %q, want b's then a's sandbox (a departed; c has no hit but was just used)", got)
+	}
+}
+
 // While several tenants wait for a sandbox, an eviction takes the most
 // recently used sandbox without a hit, not the least recently used one:
 // tenants taking turns (more of them than High) then find the older
