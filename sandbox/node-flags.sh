@@ -11,7 +11,9 @@
 # The snippet threads' heaps are bounded by the Worker's resourceLimits
 # (ISODE_WORKER_HEAP_MB), which leave the hash alone; the main thread only
 # routes frames of at most the frame limit, and the container's memory
-# limit bounds the whole process.
+# limit bounds the whole process. TestNodeFlagsKeepNodesCodeCache
+# (program_test.go) checks any flag added here: node's
+# v8.cachedDataVersionTag() must be the same with it as without.
 #
 # --no-memory-reducer: V8's memory reducer takes an isolate whose allocation
 # rate falls as idle and runs full, compacting collections to shrink its

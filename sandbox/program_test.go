@@ -27,6 +27,29 @@ func TestNodeFlags(t *testing.T) {
 	}
 }
 
+// TestNodeFlagsKeepNodesCodeCache: the agent's flags leave V8's flag hash
+// as it is without them. Every worker thread compiles node's own modules
+// from node's built-in code cache, which V8 accepts only under the flags it
+// was made with (v8.cachedDataVersionTag derives from V8's version, its
+// flags and the CPU); a flag that changes the hash, --max-old-space-size
+// for one, made each snippet thread compile them from source instead, some
+// 35 ms of CPU a thread (sandbox/node-flags.sh).
+func TestNodeFlagsKeepNodesCodeCache(t *testing.T) {
+	node := testenv.Node(t)
+	tag := func(flags ...string) string {
+		t.Helper()
+		args := append(append([]string{}, flags...), "-p", "require('v8').cachedDataVersionTag()")
+		out, err := exec.Command(node, args...).Output()
+		if err != nil {
+			t.Fatalf("node %q: %v", args, err)
+		}
+		return strings.TrimSpace(string(out))
+	}
+	if with, without := tag(NodeFlags()...), tag(); with != without {
+		t.Fatalf("node with the agent's flags %q has code cache tag %s, without them %s: one of them changes V8's flag hash, and worker threads would compile node's modules from source", NodeFlags(), with, without)
+	}
+}
+
 // TestProgramRuns starts node with Args, as a container does, and runs a
 // snippet through it: the eval'd agent starts its worker threads from
 // source, outside any file.
