@@ -390,6 +390,62 @@ func TestEvictionUnderOverloadTakesNewest(t *testing.T) {
 	}
 }
 
+// A one-off tenant's sandbox (no hit) whose tenant has stayed away longer
+// than any tenant did before coming back, and ten quanta, has departed:
+// while several tenants wait, it goes before the newest sandbox without a
+// hit, so that a set of busy tenants arriving after a burst of one-off ones
+// is not left to churn in the few slots the burst did not fill.
+func TestEvictionUnderOverloadTakesDepartedOneOffsFirst(t *testing.T) {
+	hook, release := blockCreate("x")
+	defer release()
+	clock := newFakeClock()
+	rt := &fakeRuntime{create: hook}
+	cfg := testConfig()
+	cfg.High, cfg.CreateConcurrency = 3, 1
+	cfg.Clock = clock
+	p := newPool(t, rt, cfg)
+	ctx := context.Background()
+	serveOnce(t, p, "a")
+	clock.Advance(5 * time.Second) // a does not come back
+	serveOnce(t, p, "b")
+	rx := goRun(ctx, p, "x", "x0") // the third sandbox, its creation hangs
+	waitFor(t, "x's creation", func() bool { return rt.Calls() == 3 })
+	chs := append([]<-chan result{rx}, enqueue(t, p, "c0", "d0")...)
+	release() // c and d wait together
+	collect(t, chs)
+	if got := rt.Closed(); len(got) != 2 || got[0] != "a" {
+		t.Fatalf("evicted %q, want a's sandbox first (departed), not b's (the newest, as while a was active)", got)
+	}
+}
+
+// A one-off tenant's sandbox is not departed while it has stayed away less
+// than twice the longest any tenant stayed away before coming back: that
+// is how long a rotation may take to bring it round.
+func TestEvictionKeepsOneOffsWithinTheRotation(t *testing.T) {
+	hook, release := blockCreate("x")
+	defer release()
+	clock := newFakeClock()
+	rt := &fakeRuntime{create: hook}
+	cfg := testConfig()
+	cfg.High, cfg.CreateConcurrency = 4, 1
+	cfg.Clock = clock
+	p := newPool(t, rt, cfg)
+	ctx := context.Background()
+	serveOnce(t, p, "r")
+	clock.Advance(10 * time.Second)
+	serveOnce(t, p, "r", "a") // r came back after 10 s
+	clock.Advance(5 * time.Second)
+	serveOnce(t, p, "b")
+	rx := goRun(ctx, p, "x", "x0")
+	waitFor(t, "x's creation", func() bool { return rt.Calls() == 4 })
+	chs := append([]<-chan result{rx}, enqueue(t, p, "c0", "d0")...)
+	release()
+	collect(t, chs)
+	if got := rt.Closed(); len(got) != 2 || got[0] != "b" || got[1] != "a" {
+		t.Fatalf("evicted %q, want b's then a's sandbox (the newest without a hit first; a away 5 s, under twice r's 10 s, is not departed; r's hit keeps it)", got)
+	}
+}
+
 // A creation whose tenant's requests all gave up before its Create began
 // (here while its victim was being removed) makes a sandbox for the next
 // tenant waiting instead of one nobody wants.

@@ -29,7 +29,9 @@
 //
 // An eviction takes, of the idle sandboxes, first those whose tenant has
 // left: it came back before (a hit), but has now stayed away twice as long
-// as it ever did between two runs, and at least a quantum (and a second).
+// as it ever did between two runs, and at least a quantum (and a second);
+// or it never came back, and has stayed away twice as long as any tenant
+// with a sandbox did before coming back, and ten quanta (see departed).
 // Then those that served only the requests they were made for, then those
 // whose tenant came back while they were resident, each kind least
 // recently used first. While other tenants wait for a sandbox behind the
@@ -41,8 +43,8 @@
 // resident until their tenants return; the departed come first so that a
 // new set of tenants does not churn in what the old set left behind until
 // IdleTimeout (at 50 tenants x 32 callers, a second set right after the
-// first ran at 6 runs/s against 1,400 until the first set's sandboxes
-// idled out).
+// first, or after a burst of one-off tenants, ran at 7 runs/s against
+// 1,400 until those sandboxes idled out).
 //
 // # Queue and fairness
 //
@@ -618,16 +620,24 @@ func (p *Pool) quantum() time.Duration {
 // departed (see departed), whatever its history and the engine's speed.
 const minDeparted = time.Second
 
-// departed reports whether e's tenant has left: it came back to e before
-// (a hit), and has now stayed away for more than twice its longest absence
-// before such a return, a quantum and minDeparted. Tenants that take turns
-// come back at about the same interval each time and are not departed;
-// tenants that were busy and stopped are, after a few seconds at most.
-func (p *Pool) departed(e *entry, now time.Time) bool {
+// departed reports whether e's tenant has left. A tenant that came back to
+// e before (a hit) has left once it stays away for more than twice its
+// longest absence before such a return, a quantum and minDeparted: tenants
+// that take turns come back at about the same interval each time, tenants
+// that were busy and stopped are departed after a few seconds at most. A
+// tenant that never came back has no such history: it has left once it
+// stays away for more than twice the longest absence before a return of
+// any tenant with a sandbox now (longestGap: how long the pool has seen
+// tenants stay away and still come back) and ten quanta (forty creations'
+// time), so that the tenants of a rotation longer than High keep their
+// sandboxes until their turn while one-off tenants' sandboxes do not
+// outlast a burst of them by more than that.
+func (p *Pool) departed(e *entry, now time.Time, longestGap time.Duration) bool {
+	away := now.Sub(e.lastUsed)
 	if e.hits == 0 {
-		return false
+		return away > max(2*longestGap, 10*p.quantum(), minDeparted)
 	}
-	return now.Sub(e.lastUsed) > max(2*e.maxGap, p.quantum(), minDeparted)
+	return away > max(2*e.maxGap, p.quantum(), minDeparted)
 }
 
 // idleVictim returns the tenant sandbox with nothing in flight, of those
@@ -646,8 +656,12 @@ func (p *Pool) departed(e *entry, now time.Time) bool {
 // newest keeps the older ones resident until their tenants return.
 func (p *Pool) idleVictim(may func(*entry) bool) *entry {
 	now := p.clock.Now()
+	var longestGap time.Duration
 	for el := p.lru.Front(); el != nil; el = el.Next() {
-		if e := el.Value.(*entry); e.inflight == 0 && may(e) && p.departed(e, now) {
+		longestGap = max(longestGap, el.Value.(*entry).maxGap)
+	}
+	for el := p.lru.Front(); el != nil; el = el.Next() {
+		if e := el.Value.(*entry); e.inflight == 0 && may(e) && p.departed(e, now, longestGap) {
 			return e // the least recently used of the departed
 		}
 	}
