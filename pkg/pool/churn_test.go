@@ -364,28 +364,40 @@ func TestEvictionKeepsTenantsThatTakeTurns(t *testing.T) {
 	}
 }
 
+// evictUnderOverload fills a pool of High high with setup's runs (setup may
+// move the clock on; its runs must make high-1 sandboxes), then has the
+// last sandbox's creation (tenant x) hang while c and d queue behind it, so
+// that c and d wait together once it ends, and returns the tenants whose
+// sandboxes were evicted for them, in order.
+func evictUnderOverload(t *testing.T, high int, setup func(p *Pool, clock *fakeClock)) []string {
+	t.Helper()
+	hook, release := blockCreate("x")
+	defer release()
+	clock := newFakeClock()
+	rt := &fakeRuntime{create: hook}
+	cfg := testConfig()
+	cfg.High, cfg.CreateConcurrency = high, 1
+	cfg.Clock = clock
+	p := newPool(t, rt, cfg)
+	setup(p, clock)
+	rx := goRun(context.Background(), p, "x", "x0")
+	waitFor(t, "x's creation", func() bool { return rt.Calls() == high })
+	chs := append([]<-chan result{rx}, enqueue(t, p, "c0", "d0")...)
+	if s := p.Stats(); s.Evictions != 0 {
+		t.Fatalf("evicted while the only creation slot was taken; stats %+v", s)
+	}
+	release()
+	collect(t, chs)
+	return rt.Closed()
+}
+
 // While several tenants wait for a sandbox, an eviction takes the most
 // recently used sandbox without a hit, not the least recently used one:
 // tenants taking turns (more of them than High) then find the older
 // sandboxes still there when their turn comes back.
 func TestEvictionUnderOverloadTakesNewest(t *testing.T) {
-	hook, release := blockCreate("x")
-	defer release()
-	rt := &fakeRuntime{create: hook}
-	cfg := testConfig()
-	cfg.High, cfg.CreateConcurrency = 3, 1
-	p := newPool(t, rt, cfg)
-	ctx := context.Background()
-	serveOnce(t, p, "a", "b")
-	rx := goRun(ctx, p, "x", "x0") // the third sandbox, its creation hangs
-	waitFor(t, "x's creation", func() bool { return rt.Calls() == 3 })
-	chs := append([]<-chan result{rx}, enqueue(t, p, "c0", "d0")...)
-	if s := p.Stats(); s.Evictions != 0 {
-		t.Fatalf("evicted while the only creation slot was taken; stats %+v", s)
-	}
-	release() // then c and d wait together: c takes b's sandbox, d a's
-	collect(t, chs)
-	if got := rt.Closed(); len(got) != 2 || got[0] != "b" {
+	got := evictUnderOverload(t, 3, func(p *Pool, _ *fakeClock) { serveOnce(t, p, "a", "b") })
+	if len(got) != 2 || got[0] != "b" {
 		t.Fatalf("evicted %q, want b's sandbox first (the newest; a's is older)", got)
 	}
 }
@@ -396,24 +408,12 @@ func TestEvictionUnderOverloadTakesNewest(t *testing.T) {
 // hit, so that a set of busy tenants arriving after a burst of one-off ones
 // is not left to churn in the few slots the burst did not fill.
 func TestEvictionUnderOverloadTakesDepartedOneOffsFirst(t *testing.T) {
-	hook, release := blockCreate("x")
-	defer release()
-	clock := newFakeClock()
-	rt := &fakeRuntime{create: hook}
-	cfg := testConfig()
-	cfg.High, cfg.CreateConcurrency = 3, 1
-	cfg.Clock = clock
-	p := newPool(t, rt, cfg)
-	ctx := context.Background()
-	serveOnce(t, p, "a")
-	clock.Advance(5 * time.Second) // a does not come back
-	serveOnce(t, p, "b")
-	rx := goRun(ctx, p, "x", "x0") // the third sandbox, its creation hangs
-	waitFor(t, "x's creation", func() bool { return rt.Calls() == 3 })
-	chs := append([]<-chan result{rx}, enqueue(t, p, "c0", "d0")...)
-	release() // c and d wait together
-	collect(t, chs)
-	if got := rt.Closed(); len(got) != 2 || got[0] != "a" {
+	got := evictUnderOverload(t, 3, func(p *Pool, clock *fakeClock) {
+		serveOnce(t, p, "a")
+		clock.Advance(5 * time.Second) // a does not come back
+		serveOnce(t, p, "b")
+	})
+	if len(got) != 2 || got[0] != "a" {
 		t.Fatalf("evicted %q, want a's sandbox first (departed), not b's (the newest, as while a was active)", got)
 	}
 }
@@ -422,26 +422,14 @@ func TestEvictionUnderOverloadTakesDepartedOneOffsFirst(t *testing.T) {
 // than twice the longest any tenant stayed away before coming back: that
 // is how long a rotation may take to bring it round.
 func TestEvictionKeepsOneOffsWithinTheRotation(t *testing.T) {
-	hook, release := blockCreate("x")
-	defer release()
-	clock := newFakeClock()
-	rt := &fakeRuntime{create: hook}
-	cfg := testConfig()
-	cfg.High, cfg.CreateConcurrency = 4, 1
-	cfg.Clock = clock
-	p := newPool(t, rt, cfg)
-	ctx := context.Background()
-	serveOnce(t, p, "r")
-	clock.Advance(10 * time.Second)
-	serveOnce(t, p, "r", "a") // r came back after 10 s
-	clock.Advance(5 * time.Second)
-	serveOnce(t, p, "b")
-	rx := goRun(ctx, p, "x", "x0")
-	waitFor(t, "x's creation", func() bool { return rt.Calls() == 4 })
-	chs := append([]<-chan result{rx}, enqueue(t, p, "c0", "d0")...)
-	release()
-	collect(t, chs)
-	if got := rt.Closed(); len(got) != 2 || got[0] != "b" || got[1] != "a" {
+	got := evictUnderOverload(t, 4, func(p *Pool, clock *fakeClock) {
+		serveOnce(t, p, "r")
+		clock.Advance(10 * time.Second)
+		serveOnce(t, p, "r", "a") // r came back after 10 s
+		clock.Advance(5 * time.Second)
+		serveOnce(t, p, "b")
+	})
+	if len(got) != 2 || got[0] != "b" || got[1] != "a" {
 		t.Fatalf("evicted %q, want b's then a's sandbox (the newest without a hit first; a away 5 s, under twice r's 10 s, is not departed; r's hit keeps it)", got)
 	}
 }
