@@ -319,18 +319,25 @@ func TestEvictionKeepsSandboxesWithHits(t *testing.T) {
 	}
 }
 
+// clockedPool is a pool of High high on a fake engine whose time moves only
+// when the returned clock is advanced.
+func clockedPool(t *testing.T, high int) (*Pool, *fakeRuntime, *fakeClock) {
+	t.Helper()
+	clock := newFakeClock()
+	rt := &fakeRuntime{}
+	cfg := testConfig()
+	cfg.High = high
+	cfg.Clock = clock
+	return newPool(t, rt, cfg), rt, clock
+}
+
 // A tenant that came back before (a hit) and has since stayed away twice
 // as long as it ever did, and over a second, has departed: its sandbox is
 // evicted before those of tenants still active, even ones without a hit, so
 // that a new set of tenants does not churn in the sandboxes the old set
 // left behind until IdleTimeout.
 func TestEvictionTakesDepartedTenantsFirst(t *testing.T) {
-	clock := newFakeClock()
-	rt := &fakeRuntime{}
-	cfg := testConfig()
-	cfg.High = 3
-	cfg.Clock = clock
-	p := newPool(t, rt, cfg)
+	p, rt, clock := clockedPool(t, 3)
 	serveOnce(t, p, "a", "a", "b", "b") // both came back at once: hits, no absence
 	clock.Advance(5 * time.Second)      // and then stopped
 	serveOnce(t, p, "c", "d")           // c takes the free slot, d evicts
@@ -343,12 +350,7 @@ func TestEvictionTakesDepartedTenantsFirst(t *testing.T) {
 // twice its longest absence before a hit: its sandbox keeps the protection
 // of its hit, and loses it only past that.
 func TestEvictionKeepsTenantsThatTakeTurns(t *testing.T) {
-	clock := newFakeClock()
-	rt := &fakeRuntime{}
-	cfg := testConfig()
-	cfg.High = 2
-	cfg.Clock = clock
-	p := newPool(t, rt, cfg)
+	p, rt, clock := clockedPool(t, 2)
 	serveOnce(t, p, "a")
 	clock.Advance(3 * time.Second)
 	serveOnce(t, p, "a", "b") // a came back after 3 s: a hit
